@@ -1,0 +1,17 @@
+"""Phase drivers: how each phase's pure algorithm (``phases/``) runs on Ray.
+
+Importing this package registers every phase of the plan with the pipeline runner. Phases whose
+algorithm is not built yet are registered as unbuilt: asking to run one is an error naming it
+and the issue that builds it; they never produce output.
+"""
+
+from coordinator.drivers import cognate  # noqa: F401 - registers phase 1
+from coordinator.pipeline import register_unbuilt
+
+register_unbuilt("evomerge", number=2, title="EvoMerge: evolutionary merging", consumes="models", issue=4)
+register_unbuilt("quietstar", number=3, title="Quiet-STaR: thought tokens", consumes="model", issue=6)
+register_unbuilt("bitnet", number=4, title="BitNet b1.58: ternary QAT", consumes="model", issue=7)
+register_unbuilt("forge", number=5, title="Forge training: Grokfast and curriculum", consumes="model", issue=8)
+register_unbuilt("baking", number=6, title="Tool and persona baking", consumes="model", issue=9)
+register_unbuilt("adas", number=7, title="ADAS: deployment architecture search", consumes="model", issue=10)
+register_unbuilt("compress", number=8, title="Final compression", consumes="model", issue=5)

@@ -1,0 +1,46 @@
+"""Shared test setup: quiet W&B by default, a real local Ray fixture, helpers for subprocess CLIs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# W&B is off unless a test turns it on; tests never reach the network.
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+# Ray's usage-stats prompt and reporting are off in tests.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray for one test module (2 CPUs, no dashboard), shut down afterwards."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, namespace="agentforge-tests", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for running the `agentforge` CLI in a subprocess from the repo root."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("WANDB_MODE", "disabled")
+    env.update(extra)
+    return env
+
+
+def agentforge_cmd() -> list[str]:
+    """How tests invoke the CLI: the installed console script when present, else the module."""
+    from shutil import which
+
+    exe = which("agentforge")
+    return [exe] if exe else [sys.executable, "-m", "coordinator.cli"]

@@ -1,0 +1,129 @@
+"""End to end through the `agentforge` CLI, as a user runs it: the README's main command,
+SIGKILL mid-run then resume with equal hashes, status/report, and clear failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, agentforge_cmd, cli_env
+
+
+def readme_main_command() -> list[str]:
+    """The `agentforge run ...` part of the README's first quickstart command."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- quickstart-run -->\s*```(?:bash|sh)?\n(.+?)\n```", text, re.S)
+    assert block, "README must mark its main quickstart command with <!-- quickstart-run -->"
+    line = block.group(1).strip()
+    assert line.count("\n") == 0, "the main quickstart is exactly one command"
+    run_part = [p.strip() for p in line.split("&&") if p.strip().startswith("agentforge")]
+    assert run_part, f"no agentforge command in {line!r}"
+    return shlex.split(run_part[0])
+
+
+def _model_hashes(run_dir: Path) -> dict[str, str]:
+    out = {}
+    for result in sorted(run_dir.glob("[0-9][0-9]_*/result.json")):
+        data = json.loads(result.read_text())
+        assert data["success"], data["error"]
+        for m in data["models"]:
+            out[m["path"]] = m["sha256"]
+        for name, a in data["artifacts"].items():
+            out[f"{result.parent.name}:{name}"] = a["sha256"]
+    return out
+
+
+def _agentforge(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*agentforge_cmd(), *args], cwd=cwd, env=env or cli_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The README's main command, run as written (W&B offline, embedded local Ray)."""
+    cwd = tmp_path_factory.mktemp("readme")
+    argv = readme_main_command()
+    assert argv[:2] == ["agentforge", "run"]
+    env = cli_env()
+    env.pop("WANDB_MODE")  # exercise the config's default: offline
+    proc = subprocess.run([*agentforge_cmd(), *argv[1:], "--out", "run"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return cwd / "run", proc
+
+
+def test_readme_main_command_writes_the_run_folder(reference_run):
+    run_dir, proc = reference_run
+    state = json.loads((run_dir / "pipeline.json").read_text())
+    assert state["plan"] and all(state["phases"][p]["state"] == "done" for p in state["plan"])
+    hashes = _model_hashes(run_dir)
+    assert hashes, "the run produced model artifacts"
+    assert (run_dir / "report.html").read_text().count("<svg") >= 1, "the report plots the training curves"
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == len(state["plan"]), "one offline W&B run per phase"
+
+
+def test_status_json_reads_the_run(reference_run):
+    run_dir, _ = reference_run
+    proc = _agentforge("status", str(run_dir), "--json", cwd=run_dir.parent)
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    assert [p["state"] for p in status["phases"]] == ["done"] * len(status["phases"])
+    assert status["phases"][0]["metrics"]["model/total_params"] > 0
+
+
+def test_sigkill_then_resume_gives_identical_hashes(reference_run, tmp_path):
+    run_dir, _ = reference_run
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*agentforge_cmd(), "run", "--preset", "tiny", "--out", str(killed), "--wandb", "disabled"],
+                            cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    # Wait until a specialisation has written a checkpoint, i.e. genuinely mid-phase.
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if list((killed / "01_cognate" / "work").glob("*/ckpt*")) and list(
+                (killed / "01_cognate" / "work").glob("[!w]*/history.jsonl")):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed; make the tiny preset longer"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded Ray with it
+    proc.wait(timeout=30)
+    assert not (killed / "01_cognate" / "result.json").exists()
+
+    resumed = _agentforge("resume", str(killed), "--wandb", "disabled", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert _model_hashes(killed) == {k: v for k, v in _model_hashes(run_dir).items()}, \
+        "resumed run must equal the uninterrupted one bit for bit"
+
+    again = _agentforge("resume", str(killed), "--wandb", "disabled", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert re.search(r"phase 1 cognate: skipped, result and \d+ artifact\(s\) verified", again.stderr)
+
+
+def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("seed: -1\ncognat: {}\n")
+    proc = _agentforge("run", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "seed" in proc.stderr and "cognat" in proc.stderr and "did you mean 'cognate'" in proc.stderr
+    assert not (tmp_path / "runs").exists(), "nothing is created for an invalid config"
+
+
+def test_unbuilt_phase_fails_with_a_clear_reason(tmp_path):
+    proc = _agentforge("run", "--phases", "bitnet", cwd=tmp_path)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "bitnet" in last and "not built yet" in last and "issue #7" in last
+
+
+def test_unknown_preset_lists_presets(tmp_path):
+    proc = _agentforge("run", "--preset", "huge", cwd=tmp_path)
+    assert proc.returncode == 2 and "tiny" in proc.stderr
