@@ -178,6 +178,10 @@ def _cmd_run(args: argparse.Namespace, phases: list[str] | None = None) -> int:
     plan = parse_selection(cfg.phases)
     check_built(plan)
     run_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and (args.out is None or not args.out.is_absolute()):
+        # Inside a Ray job the cwd is the unpacked working_dir on one node, deleted after the job.
+        log.warning("running as a Ray job with a relative run folder: it lives in the job's temporary "
+                    "working dir on one node; pass --out on storage every node reaches")
     run = RunFolder(args.out or Path("runs") / run_id)
     if run.exists():
         raise ConfigError(f"{run.root} already holds a run; use `agentforge resume {run.root}` or another --out")

@@ -15,6 +15,7 @@ again. A phase's own ``work/`` checkpoints survive, so a long phase continues wh
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import time
@@ -211,6 +212,13 @@ def _upstream_inputs(
     )
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities are not JSON: record them as the strings "nan", "inf", "-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
 def _check_arity(spec: PhaseSpec, inputs: PhaseInputs) -> None:
     if spec.consumes == "model" and len(inputs.models) != 1:
         raise PhaseError(spec.name, f"takes exactly one input model, got {len(inputs.models)}")
@@ -256,7 +264,7 @@ def _run_one(
         result.model = run.ref(primary) if primary is not None else None
         result.models = models
         result.artifacts = {name: run.ref(p) for name, p in out.artifacts.items()}
-        result.metrics = dict(out.metrics)
+        result.metrics = {k: _json_safe(v) for k, v in out.metrics.items()}
         result.degraded = out.degraded
         result.success = True
     except Exception as err:  # noqa: BLE001 - every failure becomes a recorded PhaseResult

@@ -1,7 +1,12 @@
 """Agent Forge serialization: the msgpack wire codec and checkpoint/artifact IO.
 
-- :mod:`serialization.codec`: ``packb``/``unpackb``/``StreamDecoder`` for messages carrying
-  tensors, arrays, tuples, datetimes and registered dataclasses, safe on hostile input.
+- :mod:`serialization.codec`: ``packb``/``pack_parts``/``unpackb`` for messages carrying
+  tensors, arrays, tuples, datetimes and registered dataclasses, safe on hostile input; the
+  wire format is documented there.
+- :mod:`serialization.stream`: ``StreamDecoder``, the codec for bytes that arrive in chunks.
+- :mod:`serialization.registry`: the dataclass allow-list (``register_dataclass``).
+- :mod:`serialization.limits`: ``Limits`` on untrusted input and ``SUPPORTED_DTYPES``.
+- :mod:`serialization.errors`: ``DecodeError`` and ``EncodeError``.
 - :mod:`serialization.checkpoint`: atomic writes, sha256 of files and directories,
   deterministic safetensors, JSON, and verification that raises ``ArtifactError``.
 
@@ -29,24 +34,25 @@ from serialization.checkpoint import (
     verify,
 )
 
-_CODEC_NAMES = (
-    "DEFAULT_LIMITS",
-    "DecodeError",
-    "EncodeError",
-    "Limits",
-    "StreamDecoder",
-    "SUPPORTED_DTYPES",
-    "WIRE_VERSION",
-    "pack_parts",
-    "packb",
-    "register_dataclass",
-    "registered_dataclasses",
-    "unpackb",
-    "unregister_dataclass",
-)
+# Public name -> the module that defines it, imported on first access.
+_LAZY_NAMES = {
+    "DEFAULT_LIMITS": "serialization.limits",
+    "DecodeError": "serialization.errors",
+    "EncodeError": "serialization.errors",
+    "Limits": "serialization.limits",
+    "StreamDecoder": "serialization.stream",
+    "SUPPORTED_DTYPES": "serialization.limits",
+    "WIRE_VERSION": "serialization.codec",
+    "pack_parts": "serialization.codec",
+    "packb": "serialization.codec",
+    "register_dataclass": "serialization.registry",
+    "registered_dataclasses": "serialization.registry",
+    "unpackb": "serialization.codec",
+    "unregister_dataclass": "serialization.registry",
+}
 
 __all__ = [
-    *_CODEC_NAMES,
+    *_LAZY_NAMES,
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -62,8 +68,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _CODEC_NAMES:
-        return getattr(importlib.import_module("serialization.codec"), name)
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(_LAZY_NAMES[name]), name)
     raise AttributeError(f"module 'serialization' has no attribute {name!r}")
 
 

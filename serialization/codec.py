@@ -1,9 +1,9 @@
 """The msgpack wire codec: messages with tensors, arrays, tuples, datetimes and dataclasses.
 
 Messages between the coordinator, agent actors and Tune trials are encoded with
-:func:`packb` and decoded with :func:`unpackb` (or :class:`StreamDecoder` for bytes that arrive
-in chunks). Decoding treats its input as hostile: anything malformed, truncated, oversized or
-too deep raises :class:`DecodeError` naming what is wrong, never another exception type; no
+:func:`packb` and decoded with :func:`unpackb` (or :class:`~serialization.stream.StreamDecoder`
+for bytes that arrive in chunks). Decoding treats its input as hostile: anything malformed,
+truncated, oversized or too deep raises :class:`DecodeError` naming what is wrong, never another exception type; no
 allocation is larger than the input (tensor buffers are sized from bytes that are present),
 and nothing is imported or executed because the data named it. Never pickle.
 
@@ -22,7 +22,8 @@ Wire format, version 1 (:data:`WIRE_VERSION`). All integers little-endian::
 Keeping raw buffers out of the msgpack body (like pickle protocol 5's out-of-band buffers)
 is what makes the codec copy-free on encode: the output is one ``b"".join`` of the header,
 the body and memoryviews of the tensors' own storage. Decoding copies each buffer once into
-memory the result owns (or, in :class:`StreamDecoder`, views the frame buffer it assembled).
+memory the result owns (or, in :class:`~serialization.stream.StreamDecoder`, views the frame
+buffer it assembled).
 
 Inside the body, plain msgpack carries None, bool, int (-2**63 .. 2**64-1), float (64-bit),
 str, bytes (bytearray and memoryview encode as bytes), list and dict. Ext types (code: data):
@@ -37,14 +38,18 @@ str, bytes (bytearray and memoryview encode as bytes), list and dict. Ext types 
                            [offset_us, name] (named timezone) | "Area/City" (zoneinfo key)
    -1 msgpack timestamp: never written; read as an aware UTC datetime for interoperability
 
-dtype names are those in :data:`SUPPORTED_DTYPES` (torch-style: "float32", "bfloat16",
-"float8_e4m3fn", ...). Payloads are C-order little-endian; bfloat16 and float8 travel as
+dtype names are those in :data:`~serialization.limits.SUPPORTED_DTYPES` (torch-style: "float32",
+"bfloat16", "float8_e4m3fn", ...). Payloads are C-order little-endian; bfloat16 and float8 travel as
 their raw bits. Dict keys may be any encodable value that decodes to something hashable
 (str, int, bytes, float, bool, None, datetime, numpy scalars, tuples of these); a map key that
 decodes to an unhashable value, or a map with duplicate keys, is a DecodeError. Only exact
 types are encoded (an IntEnum or a namedtuple is an EncodeError; convert it first), except
 that tensor and ndarray subclasses (nn.Parameter, np.memmap) encode as their base type.
 Nesting depth counts msgpack arrays and maps: a tuple is one level, a dataclass two.
+
+Around this module: :mod:`serialization.limits` (Limits, the dtype table),
+:mod:`serialization.registry` (the dataclass allow-list), :mod:`serialization.errors`
+(DecodeError, EncodeError) and :mod:`serialization.stream` (StreamDecoder).
 """
 
 from __future__ import annotations
@@ -55,8 +60,7 @@ import math
 import re
 import struct
 import zoneinfo
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from itertools import chain, repeat
 from typing import Any
 
@@ -64,23 +68,19 @@ import msgpack
 import numpy as np
 import torch
 
-from coordinator.errors import AgentForgeError
+from serialization.errors import DecodeError, EncodeError
+from serialization.limits import (
+    _DTYPES,
+    _NUMPY_TO_NAME,
+    _TORCH_TO_NAME,
+    DEFAULT_LIMITS,
+    Limits,
+    _Dtype,
+    _fmt_bytes,
+)
+from serialization.registry import _BY_CLASS, _BY_NAME
 
-__all__ = [
-    "DEFAULT_LIMITS",
-    "DecodeError",
-    "EncodeError",
-    "Limits",
-    "StreamDecoder",
-    "SUPPORTED_DTYPES",
-    "WIRE_VERSION",
-    "pack_parts",
-    "packb",
-    "register_dataclass",
-    "registered_dataclasses",
-    "unpackb",
-    "unregister_dataclass",
-]
+__all__ = ["WIRE_VERSION", "pack_parts", "packb", "unpackb"]
 
 WIRE_VERSION = 1
 MAGIC = b"AFMP"
@@ -94,171 +94,6 @@ _MAX_EXT_LEN = 4096  # our ext data are small descriptors; the payloads live out
 _MAX_NDIM = 32
 _TORCH_ALLOC_MIN = 1 << 20  # below this, numpy's allocator is the faster way to get a buffer
 _MAX_ENCODE_DEPTH = 500  # where the error locator stops, well inside Python's recursion limit
-_KiB, _MiB, _GiB = 1 << 10, 1 << 20, 1 << 30
-
-
-class DecodeError(AgentForgeError, ValueError):
-    """Bytes could not be decoded: malformed, truncated, over a limit, or not ours."""
-
-
-class EncodeError(AgentForgeError, TypeError):
-    """An object cannot be encoded; the message names its type and where it sits."""
-
-
-# --- dtypes ----------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Dtype:
-    name: str
-    itemsize: int
-    numpy: np.dtype | None  # little-endian numpy dtype; None where numpy has no such type
-    torch: torch.dtype | None  # None where this torch build lacks it
-
-
-def _build_dtypes() -> dict[str, _Dtype]:
-    numpy_names = {"bool": "|b1", "int8": "|i1", "uint8": "|u1", "int16": "<i2", "uint16": "<u2",
-                   "int32": "<i4", "uint32": "<u4", "int64": "<i8", "uint64": "<u8",
-                   "float16": "<f2", "float32": "<f4", "float64": "<f8",
-                   "complex64": "<c8", "complex128": "<c16"}
-    torch_only = ["bfloat16", "complex32", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2",
-                  "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2"]
-    table = {}
-    for name in [*numpy_names, *torch_only]:
-        tdt = getattr(torch, name, None)
-        npdt = np.dtype(numpy_names[name]) if name in numpy_names else None
-        if npdt is None and tdt is None:
-            continue
-        table[name] = _Dtype(name, npdt.itemsize if npdt is not None else tdt.itemsize, npdt, tdt)
-    return table
-
-
-_DTYPES = _build_dtypes()
-SUPPORTED_DTYPES: frozenset[str] = frozenset(_DTYPES)
-_NUMPY_TO_NAME = {d.numpy.str: d.name for d in _DTYPES.values() if d.numpy is not None}
-_TORCH_TO_NAME = {d.torch: d.name for d in _DTYPES.values() if d.torch is not None}
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit, size in (("GiB", _GiB), ("MiB", _MiB), ("KiB", _KiB)):
-        if n >= size:
-            return f"{n / size:.4g} {unit}"
-    return f"{n} bytes"
-
-
-# --- limits ----------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """Bounds a decoder enforces on untrusted input.
-
-    Args:
-        max_message_bytes: largest whole message (header + body + payload).
-        max_depth: deepest nesting of arrays and maps (at most 1000: msgpack's own stack).
-        max_container_len: most items in one array or map (a tuple's marker counts as one).
-        max_str_len: longest str, in UTF-8 bytes.
-        max_bin_len: longest bytes value.
-        max_tensor_bytes: largest single tensor or array payload.
-        allowed_dtypes: dtype names accepted; a subset of :data:`SUPPORTED_DTYPES`.
-    """
-
-    max_message_bytes: int = 2 * _GiB
-    max_depth: int = 64
-    max_container_len: int = 1_000_000
-    max_str_len: int = 256 * _MiB
-    max_bin_len: int = 2 * _GiB
-    max_tensor_bytes: int = 2 * _GiB
-    allowed_dtypes: frozenset[str] = SUPPORTED_DTYPES
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name != "allowed_dtypes" and (type(value) is not int or value < 1):
-                raise ValueError(f"Limits.{f.name} must be a positive int, got {value!r}")
-        if self.max_depth > 1000:
-            raise ValueError(f"Limits.max_depth must be <= 1000 (msgpack's stack), got {self.max_depth}")
-        allowed = frozenset(self.allowed_dtypes)
-        unknown = sorted(allowed - SUPPORTED_DTYPES)
-        if unknown:
-            raise ValueError(f"Limits.allowed_dtypes has unknown dtypes {unknown}; "
-                             f"valid: {sorted(SUPPORTED_DTYPES)}")
-        object.__setattr__(self, "allowed_dtypes", allowed)
-
-
-DEFAULT_LIMITS = Limits()
-
-
-# --- dataclass registry ----------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Registered:
-    cls: type
-    name: str
-    fields: tuple[str, ...]  # init fields, in declaration order
-    required: frozenset[str]  # init fields without a default
-
-
-_BY_NAME: dict[str, _Registered] = {}
-_BY_CLASS: dict[type, _Registered] = {}
-
-
-def register_dataclass(cls_or_name: type | str | None = None, /, *, name: str | None = None):
-    """Allow a dataclass on the wire under ``name``.
-
-    Use as ``@register_dataclass("phase_result")`` or ``register_dataclass(cls, name=...)``.
-    Its init fields are encoded by name; decoding calls ``cls(**fields)``.
-
-    Returns:
-        The class (so it works as a decorator), or a decorator.
-    Raises:
-        TypeError: ``cls`` is not a dataclass or no name was given.
-        ValueError: the name is taken by another class, or the class has another name.
-    """
-    if isinstance(cls_or_name, str):
-        if name is not None:
-            raise TypeError("register_dataclass: give the name once")
-        return lambda cls: _register(cls, cls_or_name)
-    if cls_or_name is None:
-        if name is None:
-            raise TypeError("register_dataclass needs a name: @register_dataclass('name')")
-        return lambda cls: _register(cls, name)
-    if name is None:
-        raise TypeError(f"register_dataclass({cls_or_name!r}) needs name=...")
-    return _register(cls_or_name, name)
-
-
-def _register(cls: type, name: str) -> type:
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        raise TypeError(f"register_dataclass: {cls!r} is not a dataclass")
-    if not isinstance(name, str) or not name or len(name) > 200:
-        raise TypeError(f"register_dataclass: name must be a non-empty str of <= 200 chars, got {name!r}")
-    old = _BY_NAME.get(name)
-    if old is not None and old.cls is cls:
-        return cls
-    if old is not None:
-        raise ValueError(f"dataclass name {name!r} is already registered to {old.cls.__qualname__}; "
-                         f"registered names: {sorted(_BY_NAME)}")
-    if cls in _BY_CLASS:
-        raise ValueError(f"{cls.__qualname__} is already registered as {_BY_CLASS[cls].name!r}")
-    init = [f for f in dataclasses.fields(cls) if f.init]
-    required = frozenset(f.name for f in init if f.default is dataclasses.MISSING
-                         and f.default_factory is dataclasses.MISSING)
-    entry = _Registered(cls, name, tuple(f.name for f in init), required)
-    _BY_NAME[name] = entry
-    _BY_CLASS[cls] = entry
-    return cls
-
-
-def unregister_dataclass(name: str) -> None:
-    """Remove a registration (for tests and plugins). Raises KeyError listing valid names."""
-    entry = _BY_NAME.pop(name, None)
-    if entry is None:
-        raise KeyError(f"no dataclass registered as {name!r}; registered names: {sorted(_BY_NAME)}")
-    del _BY_CLASS[entry.cls]
-
-
-def registered_dataclasses() -> dict[str, type]:
-    """Return a snapshot of the registry: name -> class."""
-    return {n: e.cls for n, e in _BY_NAME.items()}
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -462,6 +297,7 @@ def _locate(obj: Any, path: str, depth: int, active: set[int]) -> tuple[str, str
     except (EncodeError, TypeError, ValueError, OverflowError) as exc:
         return path, str(exc)
     return None
+
 
 
 # --- decoding --------------------------------------------------------------------------------
@@ -820,122 +656,3 @@ def unpackb(data: bytes | bytearray | memoryview, *, limits: Limits = DEFAULT_LI
     if len(view) > frame_len:
         raise DecodeError(f"{len(view) - frame_len} bytes of trailing data after the {frame_len}-byte message")
     return _decode_frame(view, body_len, payload_start, limits, owner=None)
-
-
-class StreamDecoder:
-    """Decode messages from bytes that arrive in chunks of any size.
-
-    ``feed()`` bytes, then iterate to get every message completed so far; ``close()`` at the
-    end of the stream raises if a message was cut off. A message that spans chunks is
-    assembled once into a buffer its tensors then view (no second copy). After a
-    DecodeError the stream cannot be resynchronised and every later call raises.
-
-    Args:
-        limits: bounds for untrusted input; a header over ``max_message_bytes`` is refused
-            before its bytes are buffered.
-    """
-
-    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
-        self._limits = limits
-        self._chunks: deque[memoryview] = deque()
-        self._avail = 0
-        self._frame: tuple[int, int, int] | None = None
-        self._error: DecodeError | None = None
-
-    @property
-    def pending_bytes(self) -> int:
-        """Bytes fed but not yet returned as part of a message."""
-        return self._avail
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Append bytes. A mutable buffer is copied, since its owner may reuse it."""
-        self._check_usable()
-        view = _as_bytes_view(data)
-        if not isinstance(data, bytes):
-            view = memoryview(bytes(view))
-        if len(view):
-            self._chunks.append(view)
-            self._avail += len(view)
-
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        self._check_usable()
-        try:
-            return self._next()
-        except DecodeError as exc:
-            self._error = exc
-            raise
-
-    def close(self) -> None:
-        """Declare the end of the stream.
-
-        Raises:
-            DecodeError: bytes remain: a message was cut off, or one was fed but not read.
-        """
-        self._check_usable()
-        if not self._avail:
-            return
-        try:
-            if self._frame is None and self._avail >= HEADER_SIZE:
-                self._frame = _parse_header(self._peek_header(), self._limits)
-        except DecodeError as exc:
-            self._error = exc
-            raise
-        if self._frame is None:
-            problem = f"stream ended inside a message header: have {self._avail} of {HEADER_SIZE} bytes"
-        elif self._avail >= self._frame[2]:
-            problem = f"{self._avail} bytes hold a message that was not read; iterate before close()"
-        else:
-            problem = f"stream ended inside a message: have {self._avail} of {self._frame[2]} bytes"
-        self._error = DecodeError(problem)
-        raise self._error
-
-    def _check_usable(self) -> None:
-        if self._error is not None:
-            raise DecodeError(f"stream decoder is unusable after an earlier error: {self._error}")
-
-    def _take(self, n: int, into: np.ndarray | None) -> memoryview:
-        """Remove ``n`` bytes from the front: a slice of the first chunk, or copied into ``into``."""
-        if into is None:
-            first = self._chunks.popleft()
-            out = first[:n]
-            if len(first) > n:
-                self._chunks.appendleft(first[n:])
-        else:
-            out, pos = memoryview(into), 0
-            while pos < n:
-                first = self._chunks.popleft()
-                k = min(n - pos, len(first))
-                out[pos: pos + k] = first[:k]
-                pos += k
-                if len(first) > k:
-                    self._chunks.appendleft(first[k:])
-        self._avail -= n
-        return out
-
-    def _peek_header(self) -> memoryview:
-        head = bytearray()
-        for chunk in self._chunks:
-            head += chunk[: HEADER_SIZE - len(head)]
-            if len(head) == HEADER_SIZE:
-                break
-        return memoryview(head)
-
-    def _next(self) -> Any:
-        if self._frame is None:
-            if self._avail < HEADER_SIZE:
-                raise StopIteration
-            self._frame = _parse_header(self._peek_header(), self._limits)
-        body_len, payload_start, frame_len = self._frame
-        if self._avail < frame_len:
-            raise StopIteration
-        owner = None
-        if len(self._chunks[0]) < frame_len:
-            # Same allocator choice as for tensors (see _FrameDecoder._array).
-            owner = (torch.empty(frame_len, dtype=torch.uint8).numpy() if frame_len >= _TORCH_ALLOC_MIN
-                     else np.empty(frame_len, np.uint8))
-        frame = self._take(frame_len, owner)
-        self._frame = None
-        return _decode_frame(frame, body_len, payload_start, self._limits, owner)

@@ -165,3 +165,38 @@ def test_failure_continue_passes_inputs_through(tmp_path, test_phases):
     finally:
         PHASES.pop("t_after")
     assert [r.success for r in results] == [False, True]
+
+
+def test_a_single_phase_takes_model_dirs_or_another_run(tmp_path, test_phases):
+    source, first = _run(tmp_path / "a")
+    model_dir = source.resolve(first[0].model)
+    cfg = PipelineConfig(wandb=WandbConfig(mode="disabled"))
+    plan = parse_selection(["t_double"])
+    for name, kwargs in {"model": dict(input_models=[model_dir]), "from": dict(from_run=source)}.items():
+        run = RunFolder(tmp_path / name)
+        run.create(run_id=name, config={}, seed=0, plan=["t_double"])
+        (result,) = run_pipeline(cfg, run, plan, tracker=Tracker(cfg.wandb, run, name), **kwargs)
+        assert result.success and result.inputs[0].sha256 == first[0].model.sha256
+        assert result.model.sha256 == first[1].model.sha256
+
+
+def test_a_phase_without_inputs_says_where_to_get_them(tmp_path, test_phases):
+    cfg = PipelineConfig(wandb=WandbConfig(mode="disabled"))
+    run = RunFolder(tmp_path / "run")
+    run.create(run_id="r", config={}, seed=0, plan=["t_double"])
+    with pytest.raises(Exception, match="--model DIR"):
+        run_pipeline(cfg, run, parse_selection(["t_double"]), tracker=Tracker(cfg.wandb, run, "r"))
+
+
+def test_non_finite_metrics_are_recorded_as_strings(tmp_path, test_phases):
+    pipeline.register_phase("t_nan", number=94, title="nan", consumes="none")(
+        lambda inputs, ctx: PhaseOutput(metrics={"loss": float("nan"), "ratio": float("inf"), "ok": 1.5}))
+    try:
+        cfg = PipelineConfig(wandb=WandbConfig(mode="disabled"))
+        run = RunFolder(tmp_path / "run")
+        run.create(run_id="r", config={}, seed=0, plan=["t_nan"])
+        (result,) = run_pipeline(cfg, run, parse_selection(["t_nan"]), tracker=Tracker(cfg.wandb, run, "r"))
+    finally:
+        PHASES.pop("t_nan")
+    saved = json.loads((run.root / "94_t_nan" / "result.json").read_text())
+    assert saved["metrics"] == {"loss": "nan", "ratio": "inf", "ok": 1.5}

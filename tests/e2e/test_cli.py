@@ -127,3 +127,33 @@ def test_unbuilt_phase_fails_with_a_clear_reason(tmp_path):
 def test_unknown_preset_lists_presets(tmp_path):
     proc = _agentforge("run", "--preset", "huge", cwd=tmp_path)
     assert proc.returncode == 2 and "tiny" in proc.stderr
+
+
+def test_phase_command_runs_one_phase_and_refuses_unbuilt_ones(tmp_path):
+    proc = _agentforge("phase", "cognate", "--preset", "tiny", "--out", "one", "--wandb", "disabled",
+                       "--set", "cognate.warmup_steps=20", "--set", "cognate.steps=10",
+                       "--set", "cognate.checkpoint_every=10", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "one" / "01_cognate" / "result.json").read_text())
+    assert result["success"] and len(result["models"]) == 3
+    models = [str(tmp_path / "one" / m["path"]) for m in result["models"]]
+    proc = _agentforge("phase", "evomerge", "--models", *models, "--out", "two", cwd=tmp_path)
+    assert proc.returncode == 1 and "evomerge" in proc.stderr and "not built yet" in proc.stderr
+
+
+def test_loaded_model_generates(reference_run):
+    """Every output dir is an HF model: AutoModelForCausalLM.from_pretrained + generate work."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import phases.cognate  # noqa: F401 - registers model_type "cognate" with the Auto classes
+
+    run_dir, _ = reference_run
+    result = json.loads((run_dir / "01_cognate" / "result.json").read_text())
+    path = run_dir / result["model"]["path"]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok("The Python", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 8
+    assert torch.equal(out[:, : ids.shape[1]], ids)
