@@ -97,7 +97,8 @@ def _log_histories(ctx: PhaseContext, warmup_history: Path, histories: dict[str,
     """Send the tasks' step histories to the tracker: warm-up steps first, then the variants side by side."""
     warm = read_history(warmup_history)
     for row in warm:
-        ctx.log({f"warmup/{k}": v for k, v in row.items() if k != "step"}, row["step"])
+        ctx.log({(k if k.startswith("warmup/") else f"warmup/{k}"): v for k, v in row.items() if k != "step"},
+                row["step"])
     offset = warm[-1]["step"] + 1 if warm else 0
     merged: dict[int, dict[str, Any]] = {}
     for variant, path in histories.items():

@@ -21,6 +21,13 @@ from phases.data.config import FrozenConfig, TaskMix
 __all__ = ["VariantConfig", "CognateConfig", "DEFAULT_VARIANTS"]
 
 
+def _act_threshold(cls, v: float) -> float:
+    """An ACT halting threshold is 1 - eps, so it lies in (0, 1]."""
+    if not 0.0 < v <= 1.0:
+        raise ValueError(f"must be in (0, 1] (it is 1 - eps), got {v}")
+    return v
+
+
 class VariantConfig(FrozenConfig):
     """How one specialisation differs from the shared base (names and shapes never differ)."""
 
@@ -29,12 +36,7 @@ class VariantConfig(FrozenConfig):
     mix: TaskMix = TaskMix()  # data mix of this variant's batches
     context_multiplier: int = 1  # training windows of data.seq_len * this (long context for memory)
 
-    @field_validator("act_threshold")
-    @classmethod
-    def _check_threshold(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError(f"must be in (0, 1] (it is 1 - eps), got {v}")
-        return v
+    _check_threshold = field_validator("act_threshold")(_act_threshold)
 
     @field_validator("context_multiplier")
     @classmethod
@@ -135,12 +137,7 @@ class CognateConfig(FrozenConfig):
             raise ValueError(f"must be in [0, 1), got {v}")
         return v
 
-    @field_validator("base_act_threshold")
-    @classmethod
-    def _check_threshold(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError(f"must be in (0, 1] (it is 1 - eps), got {v}")
-        return v
+    _check_threshold = field_validator("base_act_threshold")(_act_threshold)
 
     @field_validator("ponder_cost", "weight_decay", "grad_clip", "act_halt_bias")
     @classmethod
