@@ -35,6 +35,9 @@ class ConfigError(AgentForgeError, ValueError):
         super().__init__(message)
         self.problems = list(problems or [])
 
+    def __reduce__(self):  # Ray pickles exceptions across processes; keep the structured fields
+        return (type(self), (str(self), self.problems))
+
 
 class PhaseError(AgentForgeError):
     """A phase failed. ``phase`` names it."""
@@ -42,6 +45,10 @@ class PhaseError(AgentForgeError):
     def __init__(self, phase: str, message: str):
         super().__init__(f"phase {phase!r}: {message}")
         self.phase = phase
+        self._message = message
+
+    def __reduce__(self):  # Ray pickles exceptions across processes; rebuild from the fields
+        return (_rebuild, (type(self), str(self), {"phase": self.phase}))
 
 
 class PhaseNotBuiltError(PhaseError):
@@ -60,6 +67,17 @@ class ArtifactError(AgentForgeError):
     def __init__(self, path: str, message: str):
         super().__init__(f"{path}: {message}")
         self.path = path
+
+    def __reduce__(self):  # Ray pickles exceptions across processes; rebuild from the fields
+        return (_rebuild, (type(self), str(self), {"path": self.path}))
+
+
+def _rebuild(cls: type, message: str, fields: dict) -> Exception:
+    """Recreate an error with its final message and fields, without re-running ``__init__``."""
+    err = Exception.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(fields)
+    return err
 
 
 class AgentUnavailableError(AgentForgeError):

@@ -39,9 +39,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import safetensors
-import safetensors.torch
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from coordinator.errors import ArtifactError
 
@@ -61,17 +62,29 @@ __all__ = [
 
 _CHUNK = 1 << 20
 _DIR_SCHEME = b"agentforge-sha256-dir-v1\0"
-# torch dtype -> safetensors dtype code, for the codes safetensors' torch loader reads.
-_ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL", torch.complex64: "C64",
-}
-for _name, _code in [("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
-                     ("float8_e4m3fn", "F8_E4M3"), ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
-                     ("float8_e5m2", "F8_E5M2"), ("float8_e5m2fnuz", "F8_E5M2FNUZ")]:
-    if hasattr(torch, _name):
-        _ST_DTYPES[getattr(torch, _name)] = _code
+_ST_DTYPES: dict = {}
+
+
+def _st_dtypes() -> dict:
+    """torch dtype -> safetensors dtype code, for the codes safetensors' torch loader reads.
+
+    Built on first use: torch is imported lazily so that hashing and JSON IO (used by agent
+    actors and the CLI) do not pay torch's import time.
+    """
+    import torch
+
+    if not _ST_DTYPES:
+        _ST_DTYPES.update({
+            torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+            torch.uint8: "U8", torch.bool: "BOOL", torch.complex64: "C64",
+        })
+        for name, code in [("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
+                           ("float8_e4m3fn", "F8_E4M3"), ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+                           ("float8_e5m2", "F8_E5M2"), ("float8_e5m2fnuz", "F8_E5M2FNUZ")]:
+            if hasattr(torch, name):
+                _ST_DTYPES[getattr(torch, name)] = code
+    return _ST_DTYPES
 
 
 # --- atomic writes ---------------------------------------------------------------------------
@@ -326,6 +339,9 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         TypeError / ValueError: bad names, values, dtypes or metadata.
         ArtifactError: the file could not be written.
     """
+    import torch
+
+    dtypes = _st_dtypes()
     if not isinstance(tensors, dict):
         raise TypeError(f"tensors must be a dict of str -> torch.Tensor, got {type(tensors).__name__}")
     if metadata is not None and not (isinstance(metadata, dict) and all(
@@ -337,9 +353,9 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
             raise ValueError(f"tensor name must be a str other than '__metadata__', got {name!r}")
         if not isinstance(t, torch.Tensor) or t.layout is not torch.strided:
             raise TypeError(f"tensor {name!r} must be a dense torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _ST_DTYPES:
+        if t.dtype not in dtypes:
             raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store; "
-                             f"supported: {sorted(str(d) for d in _ST_DTYPES)}")
+                             f"supported: {sorted(str(d) for d in dtypes)}")
         t = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
         prepared.append((-t.element_size(), name, t))
     prepared.sort(key=lambda p: (p[0], p[1]))
@@ -349,7 +365,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     offset = 0
     for _, name, t in prepared:
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     head += b" " * (-len(head) % 8)
@@ -377,6 +393,9 @@ def load_tensors(path: str | os.PathLike, expected_sha256: str | None = None) ->
     Raises:
         ArtifactError: missing, unreadable, hash mismatch, or not a valid safetensors file.
     """
+    import safetensors
+    import safetensors.torch
+
     data = _read_verified(path, expected_sha256)
     try:
         return safetensors.torch.load(data)

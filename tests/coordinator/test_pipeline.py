@@ -200,3 +200,15 @@ def test_non_finite_metrics_are_recorded_as_strings(tmp_path, test_phases):
         PHASES.pop("t_nan")
     saved = json.loads((run.root / "94_t_nan" / "result.json").read_text())
     assert saved["metrics"] == {"loss": "nan", "ratio": "inf", "ok": 1.5}
+
+
+def test_errors_survive_pickling_as_ray_does_across_processes():
+    import pickle
+
+    from coordinator.errors import ArtifactError, ConfigError, PhaseError
+
+    for err in (ArtifactError("/m/model.safetensors", "sha256 differs"), PhaseError("cognate", "diverged"),
+                PhaseNotBuiltError("bitnet", 7), ConfigError("bad", [("seed", "must be >= 0")])):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)
+        assert back.__dict__ == err.__dict__ or getattr(back, "problems", None) == getattr(err, "problems", None)

@@ -1,0 +1,379 @@
+"""Runs one agent team: its task graph in dependency order, under breakers, recovery and health.
+
+The coordinator works only with actor handles and codec messages (DESIGN.md: no model math
+here). For each ready task it asks the agent's breaker (``coordinator.breakers``), sends the
+request (``actors.base.make_request``), and waits on every call at once with ``ray.wait`` and
+per-task deadlines. A failure is translated once (``coordinator.recovery.classify``) and turned
+into a :class:`~coordinator.recovery.Decision` by the task's policy; this module only acts on
+decisions: retry after a backoff, fallback to another role, restart the actor (Ray's own restart:
+``ray.kill(no_restart=False)``, the actor restores its checkpoint in ``__init__``), isolate the
+agent, roll the team back to its last good checkpoint, or escalate.
+
+Ray supplies the process restarts, placement and waiting; this layer adds what Ray lacks:
+breakers, declared fallbacks, rollback to a team checkpoint, escalation policy and SLA
+accounting (``health.monitor``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.base import ChaosPlan, TeamSpec, make_request, read_reply, spawn_team, wait_ready
+from coordinator.breakers import AgentBreaker, BreakerConfig, BreakerEvent
+from coordinator.dag import Scheduler, TaskGraph, TaskSpec, TaskState
+from coordinator.errors import AgentUnavailableError, CircuitOpenError
+from coordinator.recovery import (
+    Decision,
+    EscalationError,
+    Failure,
+    FailureKind,
+    RecoveryPolicy,
+    Strategy,
+    TaskRecovery,
+    decide,
+    ray_actor_options,
+)
+from health.monitor import HealthMonitor
+from phases.data.config import FrozenConfig
+
+__all__ = ["Team", "TeamConfig", "TeamResult"]
+
+
+class TeamConfig(FrozenConfig):
+    """How a team is supervised (the ``team`` section of a phase config)."""
+
+    breaker: BreakerConfig = BreakerConfig()  # one breaker per agent
+    policy: RecoveryPolicy = RecoveryPolicy()  # default policy of tasks that declare none
+    heartbeat_interval_s: float = 1.0  # how often every agent is pinged
+    missed_beats_unhealthy: int = 3  # consecutive missed beats that make an agent unhealthy
+    sla_window_s: float = 60.0  # window of the success ratio and latency percentiles
+    ready_timeout_s: float = 120.0  # how long agents may take to start (or restart)
+    kill_rate: float = 0.0  # chaos: chance per dispatch to kill the agent (Ray restarts it)
+    chaos_seed: int = 0  # chaos: seed of the kill draws (and of the actor-side plan)
+
+
+@dataclass
+class TeamResult:
+    """What a team run produced: outputs by task, final states, and what recovery did."""
+
+    team: str
+    outputs: dict[str, Any]
+    states: dict[str, str]
+    causes: dict[str, str]
+    degraded: str | None
+    decisions: list[dict[str, Any]]
+    dispatches: dict[str, int]  # task -> calls sent (1 = no replay)
+    health: dict[str, Any]
+
+    @property
+    def succeeded(self) -> bool:
+        return all(s == TaskState.DONE.value for s in self.states.values())
+
+
+@dataclass(order=True)
+class _Delayed:
+    at: float
+    seq: int
+    task: str = field(compare=False)
+    role: str = field(compare=False)
+
+
+@dataclass
+class _Call:
+    task: str
+    role: str
+    started: float
+    deadline: float
+    generation: int  # bumped by rollback; replies of an older generation are dropped
+
+
+def _await_alive(role: str, handle: Any, timeout_s: float, restartable: bool = True) -> None:
+    """Wait for a restarting actor. With max_task_retries=0 Ray fails calls made while the actor
+    is RESTARTING at once (ActorUnavailableError) instead of queueing them, so poll until it answers."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AgentUnavailableError(f"agent {role!r} did not come back within {timeout_s:g} s")
+        try:
+            ray.get(handle.info.remote(), timeout=left)
+            return
+        except ray.exceptions.RayActorError as exc:
+            if not restartable and not isinstance(exc, ray.exceptions.ActorUnavailableError):
+                raise AgentUnavailableError(f"agent {role!r} is dead and may not restart: {exc}") from exc
+            # RESTARTING (ActorUnavailableError), or killed again while restarting (ActorDiedError
+            # for that one call): Ray keeps restarting it (max_restarts=-1); the deadline bounds us.
+            time.sleep(0.05)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise AgentUnavailableError(f"agent {role!r} did not come back within {timeout_s:g} s") from exc
+
+
+class Team:
+    """One team of agent actors and its task graph.
+
+    Args:
+        spec: the team (agents and tasks).
+        run_id: names the actors ``run_id/team/role``.
+        work_dir: the team's folder in the run folder (checkpoints, health log and report).
+        config: supervision settings.
+        chaos: the actor-side fault plan (raise, delay, crash inside agents), or None.
+        seed: seeds retry jitter, so decisions replay under a seed.
+    Raises:
+        GraphError: the task graph is invalid (checked before any actor starts).
+    """
+
+    def __init__(self, spec: TeamSpec, *, run_id: str, work_dir: str | Path, config: TeamConfig | None = None,
+                 chaos: ChaosPlan | None = None, seed: int = 0, namespace: str = "agentforge"):
+        self.spec, self.run_id, self.cfg = spec, run_id, config or TeamConfig()
+        self.work_dir = Path(work_dir)
+        self.graph = TaskGraph(spec.tasks, spec.roles)
+        self.chaos, self.namespace = chaos, namespace
+        self._rng = random.Random(seed)
+        self._kill_rng = random.Random(self.cfg.chaos_seed)
+        self.agents: dict[str, Any] = {}
+        self.breakers: dict[str, AgentBreaker] = {}
+        self.monitor: HealthMonitor | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> "Team":
+        """Spawn every agent and wait until each answers."""
+        # One policy feeds Ray's own options (CONVENTIONS.md rule 7): an agent that some task's
+        # policy may restart gets max_restarts=-1 (our window bounds it), else 0.
+        agents = []
+        for a in self.spec.agents:
+            if a.max_restarts is None:
+                mine = [self._policy(t.name) for t in self.spec.tasks if a.role in (t.role, t.fallback_role)]
+                restartable = any(ray_actor_options(p)["max_restarts"] == -1 for p in (mine or [self.cfg.policy]))
+                a = a.model_copy(update={"max_restarts": -1 if restartable else 0, "max_task_retries": 0})
+            agents.append(a)
+        self._spec_used = self.spec.model_copy(update={"agents": tuple(agents)})
+        self.agents = spawn_team(self._spec_used, run_id=self.run_id, checkpoint_root=self.work_dir / "checkpoints",
+                                 namespace=self.namespace, chaos=self.chaos, replace=True)
+        wait_ready(self.agents, timeout_s=self.cfg.ready_timeout_s)
+        self.monitor = HealthMonitor(self.spec.name, self.agents, interval_s=self.cfg.heartbeat_interval_s,
+                                     missed_beats_unhealthy=self.cfg.missed_beats_unhealthy,
+                                     window_s=self.cfg.sla_window_s,
+                                     log_path=self.work_dir / "health" / "events.jsonl")
+        for role in self.spec.roles:
+            self.breakers[role] = AgentBreaker(f"{self.spec.name}/{role}", self.cfg.breaker,
+                                               on_event=self._breaker_event(role))
+        return self
+
+    def stop(self) -> None:
+        """Kill every agent (no restart)."""
+        for handle in self.agents.values():
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead is fine
+                pass
+        self.agents = {}
+
+    def __enter__(self) -> "Team":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _breaker_event(self, role: str):
+        def on_event(event: BreakerEvent) -> None:
+            if self.monitor is not None:
+                self.monitor.set_breaker(role, event.new)
+        return on_event
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> TeamResult:
+        """Run the task graph to completion.
+
+        Raises:
+            EscalationError: a task's policy escalated; the team is stopped first.
+        """
+        if not self.agents:
+            self.start()
+        self._sched = Scheduler(self.graph)
+        self._inflight: dict[Any, _Call] = {}
+        self._delayed: list[_Delayed] = []
+        self._seq = itertools.count()
+        self._route = {t.name: t.role for t in self.spec.tasks}
+        self._recs = {t.name: TaskRecovery(restarts={}) for t in self.spec.tasks}
+        shared_budgets: dict = {}
+        for rec in self._recs.values():
+            rec.restarts = shared_budgets  # intensity counts an agent's restarts across its tasks
+        self._generation = {t.name: 0 for t in self.spec.tasks}
+        self._dispatches = {t.name: 0 for t in self.spec.tasks}
+        self._isolated: dict[str, str] = {}
+        self._decisions: list[dict[str, Any]] = []
+        self._last_good: tuple[str, frozenset[str], dict[str, Any]] | None = None
+        next_beat = time.monotonic()
+        try:
+            while True:
+                for task in self._sched.ready():
+                    self._sched.start(task.name)
+                    self._dispatch(task.name, self._route[task.name])
+                now = time.monotonic()
+                while self._delayed and self._delayed[0].at <= now:
+                    d = heapq.heappop(self._delayed)
+                    self._dispatch(d.task, d.role)
+                if not self._inflight and not self._delayed and not self._sched.ready():
+                    break
+                wake = [next_beat] + [c.deadline for c in self._inflight.values()]
+                wake += [self._delayed[0].at] if self._delayed else []
+                timeout = max(0.0, min(wake) - time.monotonic())
+                if self._inflight:
+                    ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=timeout)
+                    for ref in ready:
+                        self._complete(ref)
+                else:
+                    time.sleep(timeout)
+                self._expire(time.monotonic())
+                if time.monotonic() >= next_beat:
+                    self.monitor.beat_once(timeout_s=min(0.2, self.cfg.heartbeat_interval_s))
+                    next_beat = time.monotonic() + self.cfg.heartbeat_interval_s
+        except EscalationError:
+            self._write_report()
+            self.stop()
+            raise
+        return self._result()
+
+    def _policy(self, task: str) -> RecoveryPolicy:
+        return self.graph[task].policy or self.cfg.policy
+
+    def _dispatch(self, task: str, role: str) -> None:
+        """Send ``task`` to ``role`` (or fail it fast when the breaker is open)."""
+        if role in self._isolated:
+            spec = self.graph[task]
+            alt = spec.fallback_role
+            if alt and alt not in self._isolated and alt != role:
+                self._route[task], role = alt, alt
+            else:
+                self._sched.fail(task, f"agent {role!r} is isolated: {self._isolated[role]}", TaskState.ISOLATED)
+                return
+        breaker = self.breakers[role]
+        if not breaker.allow():
+            err = CircuitOpenError(f"agent {role!r}: circuit open")
+            self._recover(task, role, Failure(task, role, FailureKind.circuit_open, str(err), executed=False))
+            return
+        spec = self.graph[task]
+        self._dispatches[task] += 1
+        attempt = self._dispatches[task] - 1
+        msg = make_request(task, spec.payload, self._sched.inputs_of(task), attempt=attempt,
+                           deadline=time.time() + spec.timeout_s)
+        handle = self.agents[role]
+        ref = handle.handle.remote(msg)
+        now = time.monotonic()
+        self._inflight[ref] = _Call(task, role, now, now + spec.timeout_s, self._generation[task])
+        if self.cfg.kill_rate and self._kill_rng.random() < self.cfg.kill_rate:
+            ray.kill(handle, no_restart=False)  # chaos: a crash mid-task; Ray restarts the actor
+
+    def _complete(self, ref: Any) -> None:
+        call = self._inflight.pop(ref)
+        latency = time.monotonic() - call.started
+        stale = call.generation != self._generation[call.task]
+        try:
+            reply = read_reply(ray.get(ref))
+        except Exception as exc:  # noqa: BLE001 - every failure is classified and decided on
+            if stale:
+                return
+            failure = Failure.of(call.task, call.role, exc)
+            self.breakers[call.role].record_failure(exc)
+            self.monitor.record_call(call.role, False, latency, failure.kind.value)
+            self._recover(call.task, call.role, failure)
+            return
+        self.breakers[call.role].record_success()
+        self.monitor.record_call(call.role, True, latency)
+        if stale:
+            return
+        self._sched.done(call.task, reply["output"])
+        if self.graph[call.task].checkpoint:
+            self._checkpoint(call.task)
+
+    def _expire(self, now: float) -> None:
+        for ref, call in list(self._inflight.items()):
+            if now > call.deadline:
+                del self._inflight[ref]
+                exc = TimeoutError(f"task {call.task!r} on {call.role!r} passed its {self.graph[call.task].timeout_s:g} s deadline")
+                self.breakers[call.role].record_failure(exc)
+                self.monitor.record_call(call.role, False, now - call.started, FailureKind.timeout.value)
+                self._recover(call.task, call.role, Failure(call.task, call.role, FailureKind.timeout, str(exc)))
+
+    # -- acting on decisions ----------------------------------------------------------------
+    def _recover(self, task: str, role: str, failure: Failure) -> None:
+        spec, breaker = self.graph[task], self.breakers[role]
+        d = decide(self._policy(task), failure, self._recs[task], idempotent=spec.idempotent,
+                   fallback_role=spec.fallback_role if role == spec.role else None,
+                   breaker_open=breaker.state == "open", has_checkpoint=self._last_good is not None,
+                   now=time.monotonic(), rng=self._rng, unhealthy=not self.monitor.is_healthy(role))
+        self._decisions.append({"task": task, "role": role, "kind": failure.kind.value,
+                                "action": d.action.value, "reason": d.reason})
+        self.monitor.record_recovery(role, d.action.value, task=task, reason=d.reason)
+        if d.action is Strategy.retry:
+            heapq.heappush(self._delayed, _Delayed(time.monotonic() + d.delay_s, next(self._seq), task, role))
+        elif d.action is Strategy.fallback:
+            self._route[task] = d.target_role
+            self._dispatch(task, d.target_role)
+        elif d.action is Strategy.restart:
+            self._restart(role, failure)
+            self._dispatch(task, role)
+        elif d.action is Strategy.isolate:
+            self._isolate(task, role, d)
+        elif d.action is Strategy.rollback:
+            self._rollback(task)
+        else:
+            raise EscalationError.from_decision(self.spec.name, failure, d, self._recs[task])
+
+    def _restart(self, role: str, failure: Failure) -> None:
+        """Ray's own restart: kill the process and let ``max_restarts`` bring it back; it restores
+        its latest checkpoint in ``__init__``. A crashed actor is already restarting."""
+        handle = self.agents[role]
+        if failure.kind in (FailureKind.app_error, FailureKind.timeout):  # alive but failing or stuck
+            ray.kill(handle, no_restart=False)
+        restartable = self._spec_used.agent(role).max_restarts != 0
+        _await_alive(role, handle, self.cfg.ready_timeout_s, restartable)
+        self.breakers[role].reset(f"restarted after {failure.kind.value}")
+
+    def _isolate(self, task: str, role: str, d: Decision) -> None:
+        self._isolated[role] = d.reason
+        self.breakers[role].force_open(d.reason)
+        self._sched.fail(task, f"agent {role!r} isolated: {d.reason}", TaskState.ISOLATED)
+
+    def _checkpoint(self, task: str) -> None:
+        """Every agent checkpoints under tag ``task``: the team's last good state."""
+        tag = f"after-{task}"
+        ray.get([h.checkpoint.remote(tag) for r, h in self.agents.items() if r not in self._isolated])
+        done = frozenset(n for n, s in self._sched.states.items() if s is TaskState.DONE)
+        self._last_good = (tag, done, dict(self._sched.outputs))
+
+    def _rollback(self, task: str) -> None:
+        """Restore every agent to the last good checkpoint and replay only the tasks after it."""
+        tag, done, _ = self._last_good
+        ray.get([h.restore.remote(tag) for r, h in self.agents.items() if r not in self._isolated])
+        replay = [n for n, s in self._sched.states.items() if n not in done and s is not TaskState.PENDING]
+        for name in replay:
+            self._generation[name] += 1
+        self._inflight = {r: c for r, c in self._inflight.items() if c.task not in replay}
+        self._delayed = [d for d in self._delayed if d.task not in replay]
+        heapq.heapify(self._delayed)
+        self._sched.reset(replay)
+
+    # -- results ----------------------------------------------------------------------------
+    def _write_report(self) -> dict[str, Any]:
+        report = self.monitor.report() if self.monitor else {}
+        if self.monitor:
+            self.monitor.write_report(self.work_dir / "health" / "report.json")
+        return report
+
+    def _result(self) -> TeamResult:
+        states = {n: s.value for n, s in self._sched.states.items()}
+        degraded = None
+        if self._isolated:
+            degraded = "; ".join(f"agent {r!r} isolated: {why}" for r, why in self._isolated.items())
+        return TeamResult(team=self.spec.name, outputs=dict(self._sched.outputs), states=states,
+                          causes=dict(self._sched.causes), degraded=degraded, decisions=list(self._decisions),
+                          dispatches=dict(self._dispatches), health=self._write_report())

@@ -1,0 +1,1 @@
+"""Tests of actors/: the Agent actor contract and the role registry."""

@@ -1,0 +1,1 @@
+"""Tests of health/: windows and SLA, Ray metrics, the health monitor."""
