@@ -267,6 +267,9 @@ def _portable(exc: BaseException, role: str, task: str) -> BaseException:
         text = str(exc)
         return CheckpointError(exc.path, text.removeprefix(prefix))
     try:
+        # A probe, not a load of outside data: we pickle our own in-memory exception and read it
+        # back in this process, to learn whether Ray's transport (which pickles exceptions) can
+        # carry it to the caller. Nothing from the wire or from disk is ever unpickled.
         pickle.loads(ray.cloudpickle.dumps(exc))
         return exc
     # An exception class whose __init__ needs more than its message fails to unpickle with
