@@ -106,10 +106,10 @@ class _Progress:
         self._bars.update(self._tasks[name], completed=done, total=total)
 
 
-def _raw_config(args: argparse.Namespace, phases: list[str] | None) -> tuple[Any, dict]:
+def _config(args: argparse.Namespace, phases: list[str] | None) -> Any:
     from coordinator.config import apply_overrides, load_config, parse_config
 
-    cfg, raw = load_config(args.config, preset=args.preset)
+    _, raw = load_config(args.config, preset=args.preset)
     extra = list(args.overrides)
     if args.seed is not None:
         extra.append(f"seed={args.seed}")
@@ -174,7 +174,7 @@ def _cmd_run(args: argparse.Namespace, phases: list[str] | None = None) -> int:
     from coordinator.pipeline import check_built, parse_selection
     from coordinator.runfolder import RunFolder
 
-    cfg, _ = _raw_config(args, phases)
+    cfg = _config(args, phases)
     plan = parse_selection(cfg.phases)
     check_built(plan)
     run_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"

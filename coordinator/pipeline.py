@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,14 +344,3 @@ def run_pipeline(
                   spec.number, spec.name, result.error)
         produced[spec.number] = inputs
     return results
-
-
-def clean_phase(run: RunFolder, spec: PhaseSpec, *, keep_work: bool = True) -> None:
-    """Remove a phase's outputs (not its work/ checkpoints unless asked)."""
-    d = run.phase_dir(spec.number, spec.name)
-    if not d.exists():
-        return
-    for child in d.iterdir():
-        if keep_work and child.name == "work":
-            continue
-        shutil.rmtree(child) if child.is_dir() else child.unlink()

@@ -28,7 +28,7 @@ import ray
 
 from actors.base import ChaosPlan, TeamSpec, make_request, read_reply, spawn_team, wait_ready
 from coordinator.breakers import AgentBreaker, BreakerConfig, BreakerEvent
-from coordinator.dag import Scheduler, TaskGraph, TaskSpec, TaskState
+from coordinator.dag import Scheduler, TaskGraph, TaskState
 from coordinator.errors import AgentUnavailableError, CircuitOpenError
 from coordinator.recovery import (
     Decision,
@@ -210,7 +210,7 @@ class Team:
         self._dispatches = {t.name: 0 for t in self.spec.tasks}
         self._isolated: dict[str, str] = {}
         self._decisions: list[dict[str, Any]] = []
-        self._last_good: tuple[str, frozenset[str], dict[str, Any]] | None = None
+        self._last_good: tuple[str, frozenset[str]] | None = None  # (tag, tasks done at it)
         next_beat = time.monotonic()
         try:
             while True:
@@ -281,7 +281,10 @@ class Team:
         except Exception as exc:  # noqa: BLE001 - every failure is classified and decided on
             if stale:
                 return
-            failure = Failure.of(call.task, call.role, exc)
+            # InjectedFault / DeadlineExceeded say the role never ran: safe to retry even when
+            # the task is not idempotent.
+            failure = Failure.of(call.task, call.role, exc,
+                                 executed=False if getattr(exc, "before_execution", False) else None)
             self.breakers[call.role].record_failure(exc)
             self.monitor.record_call(call.role, False, latency, failure.kind.value)
             self._recover(call.task, call.role, failure)
@@ -348,11 +351,11 @@ class Team:
         tag = f"after-{task}"
         ray.get([h.checkpoint.remote(tag) for r, h in self.agents.items() if r not in self._isolated])
         done = frozenset(n for n, s in self._sched.states.items() if s is TaskState.DONE)
-        self._last_good = (tag, done, dict(self._sched.outputs))
+        self._last_good = (tag, done)
 
     def _rollback(self, task: str) -> None:
         """Restore every agent to the last good checkpoint and replay only the tasks after it."""
-        tag, done, _ = self._last_good
+        tag, done = self._last_good
         ray.get([h.restore.remote(tag) for r, h in self.agents.items() if r not in self._isolated])
         replay = [n for n, s in self._sched.states.items() if n not in done and s is not TaskState.PENDING]
         for name in replay:
