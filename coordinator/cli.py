@@ -121,7 +121,7 @@ def _config(args: argparse.Namespace, phases: list[str] | None) -> Any:
         raw = apply_overrides(raw, extra)
     if phases is not None:
         raw = {**raw, "phases": phases}
-    return parse_config(raw, source=args.config or f"preset {args.preset or 'tiny'}"), raw
+    return parse_config(raw, source=args.config or f"preset {args.preset or 'tiny'}")
 
 
 def _execute(run_dir: Path, *, resume: bool, address: str | None, wandb_mode: str | None, as_json: bool) -> int:
