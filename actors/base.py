@@ -40,6 +40,7 @@ import pickle
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -323,7 +324,11 @@ class Agent:
         self._chaos = ChaosPlan.model_validate(chaos) if chaos else None
         ctx = ray.get_runtime_context()
         self._pid, self._node_id, self._actor_id = os.getpid(), ctx.get_node_id(), ctx.get_actor_id()
-        self._reconstructed = bool(ctx.was_current_actor_reconstructed)
+        with warnings.catch_warnings():
+            # Ray 2.60's own property reads its deprecated ``actor_id`` internally and warns on
+            # every actor start; the property itself is not deprecated.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._reconstructed = bool(ctx.was_current_actor_reconstructed)
         self._restarts = _num_restarts(self._actor_id, self._reconstructed)
         self._started = time.monotonic()
         self._lock = threading.Lock()  # one checkpoint/restore at a time, never mid-load

@@ -17,13 +17,16 @@ Heavy roles (phases 6-8 pull in their phase code) are registered by path with
 first lookup.
 
 Demo roles, deterministic and dependency-free, for tests, benchmarks and chaos drills on a real
-cluster: ``noop`` (benchmarks), ``echo`` (a pure function of its message) and ``accumulator``
-(state that checkpoints and restores: a running total of numbers or tensors).
+cluster: ``noop`` (benchmarks), ``echo`` (a pure function of its message), ``accumulator``
+(state that checkpoints and restores: a running total of numbers or tensors) and ``digest-1`` to
+``digest-4`` (four interchangeable agents computing a hash chain: ``agentforge drill``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import re
 import threading
 import time
@@ -35,6 +38,7 @@ from coordinator.errors import ConfigError
 
 __all__ = [
     "AccumulatorRole",
+    "DigestRole",
     "EchoRole",
     "NoopRole",
     "Role",
@@ -286,3 +290,44 @@ class AccumulatorRole:
 
     def load_state_dict(self, state: dict) -> None:
         self.total, self.count, self.tasks = state["total"], int(state["count"]), list(state["tasks"])
+
+
+class DigestRole:
+    """sha256 of the task name, payload and input digests: a pure function with a 16-hex output,
+    so a run with faults can be compared output by output with a fault-free one.
+
+    A payload ``{"work_s": x}`` sleeps ``x`` seconds first, so that faults land mid-task.
+    """
+
+    def handle(self, task: str, payload: Any, inputs: dict[str, Any]) -> Any:
+        if isinstance(payload, dict) and isinstance(payload.get("work_s"), (int, float)):
+            time.sleep(max(0.0, float(payload["work_s"])))
+        text = json.dumps([task, payload, sorted(inputs.items())], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+# A team has one agent per role, so the drill's four agents are four registered names.
+@register_role("digest-1")
+class Digest1(DigestRole):
+    pass
+
+
+@register_role("digest-2")
+class Digest2(DigestRole):
+    pass
+
+
+@register_role("digest-3")
+class Digest3(DigestRole):
+    pass
+
+
+@register_role("digest-4")
+class Digest4(DigestRole):
+    pass

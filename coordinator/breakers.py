@@ -204,6 +204,8 @@ class AgentBreaker:
     # -- after a call ------------------------------------------------------------------------
     def record_success(self) -> None:
         """Report that an allowed call succeeded (pybreaker resets the count or counts a trial)."""
+        if self._cb.current_state == CLOSED and self._cb.fail_counter == 0 and not self._pending:
+            return  # fast path: pybreaker would only reset an already-zero count (no event, no change)
         with self._changing():
             if self.state == OPEN:
                 return  # a call submitted before the breaker opened: not the trial, ignored

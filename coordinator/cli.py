@@ -1,4 +1,4 @@
-"""The ``agentforge`` command: run, resume, status, report, submit, phase.
+"""The ``agentforge`` command: run, resume, status, report, submit, phase, drill.
 
 Exit codes: 0 success; 1 a phase or the job failed (the run folder stays resumable);
 2 bad usage or config. On failure one line on stderr says what failed and where the run
@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--from", dest="from_run", type=Path, metavar="RUN",
                         help="take input models from a finished phase of another run folder")
         sp.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+        add_chaos_option(sp)
+
+    def add_chaos_option(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--chaos", nargs="?", const="default", metavar="SPEC",
+                        help="inject faults into agent teams: 'default' (the profile in coordinator/chaos.py) "
+                             "or key=value pairs of the chaos section, e.g. kill_rate=0.2,node_kill_rate=0.5,seed=3")
 
     sp = sub.add_parser("run", help="run the pipeline")
     add_run_options(sp)
@@ -70,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.jobs import add_submit_arguments
 
     add_submit_arguments(sp)
+
+    sp = sub.add_parser("drill", help="run a 20-task agent team with and without faults and compare the outputs")
+    sp.add_argument("--address", help="Ray address (default: RAY_ADDRESS or an embedded local Ray)")
+    add_chaos_option(sp)
+    sp.add_argument("--out", type=Path, help="report folder (default: runs/drill-<timestamp>)")
+    sp.add_argument("--layers", type=int, default=4, help="graph layers (default 4)")
+    sp.add_argument("--width", type=int, default=5, help="tasks per layer (default 5)")
+    sp.add_argument("--work-s", type=float, default=0.02, help="seconds each task works (default 0.02)")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return p
 
 
@@ -117,6 +132,10 @@ def _config(args: argparse.Namespace, phases: list[str] | None) -> Any:
         extra.append(f"wandb.mode={args.wandb}")
     if args.address:
         extra.append(f"ray.address={args.address}")
+    if args.chaos is not None:
+        from coordinator.chaos import parse_chaos_flag
+
+        extra += parse_chaos_flag(args.chaos)
     if extra:
         raw = apply_overrides(raw, extra)
     if phases is not None:
@@ -197,6 +216,29 @@ def _cmd_run(args: argparse.Namespace, phases: list[str] | None = None) -> int:
     return _execute(run.root, resume=False, address=args.address, wandb_mode=None, as_json=args.json)
 
 
+def _cmd_drill(args: argparse.Namespace) -> int:
+    from coordinator.chaos import ChaosConfig, parse_chaos_flag
+    from coordinator.config import apply_overrides
+
+    if args.layers < 2 or args.width < 2:
+        raise ConfigError("--layers and --width must be at least 2")
+    raw = apply_overrides({}, parse_chaos_flag(args.chaos if args.chaos is not None else "default"))
+    chaos = ChaosConfig.from_dict(raw["chaos"], prefix="chaos")
+    from cluster.connect import connect
+    from coordinator.drill import run_drill
+
+    out = args.out or Path("runs") / f"drill-{time.strftime('%Y%m%d-%H%M%S')}"
+    info = connect(args.address)
+    log.info("Ray: %s (dashboard %s); drill report in %s", info.address, info.dashboard_url, out)
+    report = run_drill(chaos, out, run_id=out.name.replace("/", "-"), layers=args.layers, width=args.width,
+                       work_s=args.work_s)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.summary())
+    return 0 if report.passed else 1
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from coordinator.report import collect_status
     from coordinator.runfolder import RunFolder
@@ -232,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(build_report(RunFolder(args.run_dir), args.out))
             return 0
+        if args.command == "drill":
+            return _cmd_drill(args)
         if args.command == "submit":
             from cluster.jobs import run_submit
 

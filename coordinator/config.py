@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
+from coordinator.chaos import ChaosConfig
 from coordinator.errors import ConfigError
 from phases.cognate.config import CognateConfig
 from phases.data.config import DataConfig, FrozenConfig, config_error
@@ -67,6 +68,8 @@ class PipelineConfig(FrozenConfig):
     on_phase_failure: Literal["abort", "continue"] = "abort"
     wandb: WandbConfig = WandbConfig()
     ray: RayConfig = RayConfig()
+    # Fault injection into the agent teams (coordinator/chaos.py); all rates 0: off.
+    chaos: ChaosConfig = ChaosConfig()
     data: DataConfig = DataConfig()
     cognate: CognateConfig = CognateConfig()
 

@@ -216,6 +216,18 @@ class Scheduler:
         self._states: dict[str, TaskState] = {n: TaskState.PENDING for n in graph.order}
         self._outputs: dict[str, Any] = {}
         self._causes: dict[str, str] = {}
+        # Kept incrementally, so each transition costs O(its edges) and ready() O(ready tasks):
+        # a pass over a graph of N tasks stays O(N log N), not O(N^2) (thousands of tasks).
+        self._missing: dict[str, int] = {}  # task -> inputs not DONE yet
+        self._ready: set[str] = set()  # PENDING tasks whose inputs are all DONE
+        self._running = 0
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._missing = {n: sum(1 for d in self.graph.tasks[n].inputs if self._states[d] is not TaskState.DONE)
+                         for n in self.graph.order}
+        self._ready = {n for n, k in self._missing.items() if k == 0 and self._states[n] is TaskState.PENDING}
+        self._running = sum(1 for st in self._states.values() if st is TaskState.RUNNING)
 
     # -- views -------------------------------------------------------------------------------
     @property
@@ -236,7 +248,7 @@ class Scheduler:
     @property
     def finished(self) -> bool:
         """True when nothing is running and no pending task can become ready."""
-        return not any(s is TaskState.RUNNING for s in self._states.values()) and not self.ready()
+        return self._running == 0 and not self._ready
 
     def summary(self) -> dict[str, int]:
         """Count of tasks per state (every state listed, zeros included), keyed by state value."""
@@ -247,9 +259,8 @@ class Scheduler:
 
     def ready(self) -> list[TaskSpec]:
         """Pending tasks whose inputs are all DONE, in topological order; does not mark them."""
-        return [self.graph.tasks[n] for n in self.graph.order
-                if self._states[n] is TaskState.PENDING
-                and all(self._states[d] is TaskState.DONE for d in self.graph.tasks[n].inputs)]
+        position = self.graph._position
+        return [self.graph.tasks[n] for n in sorted(self._ready, key=position.__getitem__)]
 
     def inputs_of(self, name: str) -> dict[str, Any]:
         """The outputs ``name`` consumes, keyed by input task name.
@@ -279,6 +290,8 @@ class Scheduler:
         self._expect(name, (TaskState.PENDING,), "start")
         self.inputs_of(name)  # raises if an input is not done
         self._states[name] = TaskState.RUNNING
+        self._ready.discard(name)
+        self._running += 1
 
     def done(self, name: str, output: Any = None) -> None:
         """Record a RUNNING task's output and mark it DONE.
@@ -288,7 +301,12 @@ class Scheduler:
         """
         self._expect(name, (TaskState.RUNNING,), "finish")
         self._states[name] = TaskState.DONE
+        self._running -= 1
         self._outputs[name] = output
+        for child in self.graph._children[name]:
+            self._missing[child] -= 1
+            if self._missing[child] == 0 and self._states[child] is TaskState.PENDING:
+                self._ready.add(child)
 
     def fail(self, name: str, cause: str, state: TaskState = TaskState.FAILED) -> list[str]:
         """Mark a pending or running task failed and every pending descendant UPSTREAM_FAILED.
@@ -306,6 +324,9 @@ class Scheduler:
         if state not in (TaskState.FAILED, TaskState.ISOLATED):
             raise ValueError(f"fail() takes state FAILED or ISOLATED, got {state!r}")
         self._expect(name, (TaskState.PENDING, TaskState.RUNNING), "fail")
+        if self._states[name] is TaskState.RUNNING:
+            self._running -= 1
+        self._ready.discard(name)
         self._states[name] = state
         self._causes[name] = cause
         how = "failed" if state is TaskState.FAILED else "failed (isolated)"
@@ -342,4 +363,5 @@ class Scheduler:
                 self._states[n] = TaskState.PENDING
                 self._causes.pop(n, None)
                 changed.add(n)
+        self._rebuild()
         return [n for n in self.graph.order if n in changed]

@@ -268,11 +268,19 @@ def _run_one(
         result.success = True
     except Exception as err:  # noqa: BLE001 - every failure becomes a recorded PhaseResult
         result.error = f"{type(err).__name__}: {err}"
+        to_dict = getattr(err, "to_dict", None)
+        if callable(to_dict):  # e.g. a team's EscalationError: team, task, role, kind, tried
+            result.failure = {**to_dict(), "then": cfg.on_phase_failure}
         log.debug("phase %s failed", spec.name, exc_info=True)
     result.ended = now_iso()
     result.duration_s = round(time.perf_counter() - t0, 3)
     run.write_result(result)
-    run.set_phase_state(spec.name, "done" if result.success else "failed", error=result.error)
+    extra = {"error": result.error}
+    if not result.success:
+        extra["then"] = cfg.on_phase_failure  # what the pipeline does next: abort or continue
+        if result.failure:
+            extra["failure"] = result.failure
+    run.set_phase_state(spec.name, "done" if result.success else "failed", **extra)
     tracker.finish_phase(result, run)
     return result
 

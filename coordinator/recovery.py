@@ -418,6 +418,12 @@ class EscalationError(AgentForgeError):
     def __reduce__(self):  # the default would re-call __init__ with the message alone
         return type(self), (self.team, self.task, self.role, self.kind, self.reason, self.history)
 
+    def to_dict(self) -> dict:
+        """Plain data for result.json and logs."""
+        return {"type": "escalation", "team": self.team, "task": self.task, "role": self.role,
+                "kind": self.kind.value, "reason": self.reason,
+                "tried": [d.action.value for d in self.history if d.action is not Strategy.escalate]}
+
     @classmethod
     def from_decision(cls, team: str, failure: Failure, decision: Decision, rec: TaskRecovery) -> EscalationError:
         """The error for an escalate ``decision`` about ``failure``."""

@@ -87,6 +87,9 @@ class PhaseResult:
     ended: str = ""
     error: str | None = None
     degraded: str | None = None
+    # Structured detail of ``error`` when the exception carries it (a team's escalation: team,
+    # task, role, failure kind, strategies tried), and what the pipeline did next.
+    failure: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -105,6 +108,7 @@ class PhaseResult:
             "ended": self.ended,
             "error": self.error,
             "degraded": self.degraded,
+            "failure": self.failure,
         }
 
     @classmethod
@@ -124,6 +128,7 @@ class PhaseResult:
             ended=str(data.get("ended", "")),
             error=data.get("error"),
             degraded=data.get("degraded"),
+            failure=data.get("failure"),
         )
 
     def all_refs(self) -> list[tuple[str, ArtifactRef]]:
@@ -209,6 +214,9 @@ class RunFolder:
     def set_phase_state(self, phase: str, state: str, **extra: Any) -> None:
         data = self.read_state()
         entry = data["phases"].setdefault(phase, {})
+        if state != "failed":  # a phase that runs again must not keep its old failure
+            for key in ("error", "then", "failure"):
+                entry.pop(key, None)
         entry.update({"state": state, "at": now_iso(), **extra})
         if state in ("done", "failed", "skipped", "rerun"):
             data["events"].append({"at": entry["at"], "phase": phase, "state": state, **extra})

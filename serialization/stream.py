@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import torch
 
 from serialization.codec import (
     _TORCH_ALLOC_MIN,
@@ -139,9 +138,14 @@ class StreamDecoder:
             raise StopIteration
         owner = None
         if len(self._chunks[0]) < frame_len:
-            # Same allocator choice as for tensors (see codec._FrameDecoder._array).
-            owner = (torch.empty(frame_len, dtype=torch.uint8).numpy() if frame_len >= _TORCH_ALLOC_MIN
-                     else np.empty(frame_len, np.uint8))
+            # Same allocator choice as for tensors (see codec._FrameDecoder._array); torch is
+            # imported only for such large frames (serialization.limits says why it is lazy).
+            if frame_len >= _TORCH_ALLOC_MIN:
+                import torch
+
+                owner = torch.empty(frame_len, dtype=torch.uint8).numpy()
+            else:
+                owner = np.empty(frame_len, np.uint8)
         frame = self._take(frame_len, owner)
         self._frame = None
         return _decode_frame(frame, body_len, payload_start, self._limits, owner)

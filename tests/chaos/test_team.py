@@ -14,6 +14,7 @@ import ray
 import tests.chaos.team_roles  # noqa: F401 - registers the test roles
 from actors.base import AgentSpec, TeamSpec, make_request, read_reply
 from coordinator.breakers import BreakerConfig
+from coordinator.chaos import ChaosConfig
 from coordinator.dag import TaskSpec
 from coordinator.recovery import EscalationError, RecoveryPolicy, Strategy
 from coordinator.team import Team, TeamConfig
@@ -30,9 +31,10 @@ def policy(*strategies: str, **kw) -> RecoveryPolicy:
                           retry_jitter_s=0.01, **kw)
 
 
-def run_team(tmp_path, name, roles, tasks, *, config=None, run_id="t"):
+def run_team(tmp_path, name, roles, tasks, *, config=None, run_id="t", chaos=None):
     spec = TeamSpec(name=name, agents=agents(*roles), tasks=tuple(tasks))
-    with Team(spec, run_id=run_id, work_dir=tmp_path / name, config=config or TeamConfig(heartbeat_interval_s=0.5)) as team:
+    with Team(spec, run_id=run_id, work_dir=tmp_path / name, config=config or TeamConfig(heartbeat_interval_s=0.5),
+              chaos=chaos) as team:
         result = team.run()
         extra = {role: team.agents[role] for role in roles}
         counts = {}
@@ -58,15 +60,18 @@ def test_random_agent_kills_never_change_the_outputs(tmp_path):
     roles = ("t-w1", "t-w2", "t-w3", "t-w4")
     clean, _ = run_team(tmp_path, "clean", roles, graph20())
     assert clean.succeeded and len(clean.outputs) == 20
-    killed_total = 0
+    killed_total = recovered_total = 0
     for seed in range(10):
-        cfg = TeamConfig(heartbeat_interval_s=0.5, kill_rate=0.15, chaos_seed=seed,
-                         policy=policy("retry", "restart", retry_attempts=6))
-        result, _ = run_team(tmp_path, f"chaos{seed}", roles, graph20(), config=cfg, run_id=f"c{seed}")
+        cfg = TeamConfig(heartbeat_interval_s=0.5, policy=policy("retry", "restart", retry_attempts=6))
+        result, _ = run_team(tmp_path, f"chaos{seed}", roles, graph20(), config=cfg, run_id=f"c{seed}",
+                             chaos=ChaosConfig(kill_rate=0.15, seed=seed))
         assert result.succeeded, (seed, result.states, result.causes)
         assert result.outputs == clean.outputs, f"seed {seed}: outputs differ from the fault-free run"
-        killed_total += sum(1 for d in result.decisions if d["kind"] in ("actor_died", "actor_unavailable"))
-    assert killed_total > 0, "the chaos kills must really have happened"
+        kills = [f for f in result.faults if f["fault"] == "kill"]
+        seen = sum(1 for d in result.decisions if d["kind"] in ("actor_died", "actor_unavailable"))
+        assert kills or not seen, "agent failures only come from the injected kills"
+        killed_total, recovered_total = killed_total + len(kills), recovered_total + seen
+    assert killed_total > 0 and recovered_total > 0, "the chaos kills must really have happened and been recovered"
 
 
 def test_retry_replays_a_failed_idempotent_task(tmp_path):

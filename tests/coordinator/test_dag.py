@@ -224,3 +224,39 @@ def test_random_dags_end_done_or_failed(case):
             assert culprits and s.causes[name].startswith("upstream task ")
             assert any(f"'{c}'" in s.causes[name] for c in culprits)
     assert sum(s.summary().values()) == len(graph)
+
+
+@st.composite
+def graphs_and_moves(draw):
+    n = draw(st.integers(1, 12))
+    tasks = [TaskSpec(f"t{i}", ROLES[i % 3], tuple(f"t{j}" for j in draw(st.sets(st.integers(0, i - 1), max_size=3))
+                                                    ) if i else ()) for i in range(n)]
+    moves = draw(st.lists(st.tuples(st.sampled_from(["start", "done", "fail", "reset"]), st.integers(0, n - 1)),
+                          max_size=40))
+    return TaskGraph(tasks, ROLES), moves
+
+
+@settings(max_examples=200, deadline=None)
+@given(graphs_and_moves())
+def test_incremental_ready_set_equals_the_definition(case):
+    """ready()/finished, kept incrementally, always equal their definitions over any transitions."""
+    graph, moves = case
+    sched = Scheduler(graph)
+    for verb, i in moves:
+        name = graph.order[i]
+        try:
+            if verb == "start":
+                sched.start(name)
+            elif verb == "done":
+                sched.done(name, i)
+            elif verb == "fail":
+                sched.fail(name, "x")
+            else:
+                sched.reset([name])
+        except ValueError:
+            pass  # an illegal transition is refused and changes nothing
+        states = sched.states
+        naive = [n for n in graph.order if states[n] is TaskState.PENDING
+                 and all(states[d] is TaskState.DONE for d in graph[n].inputs)]
+        assert [t.name for t in sched.ready()] == naive
+        assert sched.finished == (not naive and TaskState.RUNNING not in states.values())

@@ -1,0 +1,33 @@
+"""Running an agent team inside a phase: what the baking, ADAS and compression drivers share.
+
+:func:`run_team` names the actors ``RUNID/team/role``, keeps the team's checkpoints and health
+log under the phase's ``work/teams/<team>/`` (so a resumed phase finds them), applies the
+pipeline's ``chaos`` section, logs the ``health/<team>/...`` metrics to W&B, and returns the
+:class:`~coordinator.team.TeamResult`. An escalation propagates as
+:class:`~coordinator.recovery.EscalationError`; the runner records it in the phase's
+result.json (``failure``) and aborts or continues as ``on_phase_failure`` says.
+"""
+
+from __future__ import annotations
+
+from actors.base import TeamSpec
+from coordinator.pipeline import PhaseContext
+from coordinator.team import Team, TeamConfig, TeamResult
+
+__all__ = ["run_team"]
+
+
+def run_team(ctx: PhaseContext, spec: TeamSpec, config: TeamConfig | None = None) -> TeamResult:
+    """Run ``spec``'s task graph to completion under ``config`` (default supervision).
+
+    Raises:
+        EscalationError: a task's policy escalated; the team was stopped first.
+        GraphError: the task graph is invalid (before any actor starts).
+    """
+    run_id = ctx.run.read_state()["run_id"]
+    team = Team(spec, run_id=run_id, work_dir=ctx.work_dir / "teams" / spec.name, config=config,
+                chaos=ctx.config.chaos, seed=ctx.seed)
+    with team:
+        result = team.run()
+    ctx.log(result.metrics, None)
+    return result
