@@ -31,10 +31,12 @@ __all__ = ["DRILL_POLICY", "DRILL_ROLES", "DrillReport", "drill_graph", "drill_t
 
 DRILL_ROLES = ("digest-1", "digest-2", "digest-3", "digest-4")
 
-# Retry first (cheap: the agent is usually back by then), restart when the process is gone; six
-# calls per task ride out the default chaos profile's fault rates with room to spare.
-DRILL_POLICY = RecoveryPolicy(strategies=(Strategy.retry, Strategy.restart), retry_attempts=6,
-                              retry_backoff_s=0.05, retry_jitter_s=0.05, restart_intensity=10)
+# Retry first (cheap: the agent is usually back by then), restart when the process is gone. Kills
+# use up retries too: at a 30% fault rate per call (kill 0.2 + raise 0.1), 6 calls leave a
+# 1-in-70 chance that some task of 20 runs out of calls; 10 calls leave about 1 in 8,500.
+DRILL_POLICY = RecoveryPolicy(strategies=(Strategy.retry, Strategy.restart), retry_attempts=10,
+                              retry_backoff_s=0.05, retry_max_backoff_s=1.0, retry_jitter_s=0.05,
+                              retry_total_s=60.0, restart_intensity=10)
 
 
 def drill_graph(layers: int = 4, width: int = 5, *, work_s: float = 0.02, timeout_s: float = 30.0,

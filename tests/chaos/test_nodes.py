@@ -1,7 +1,9 @@
-"""(c) A node removed mid-run on a 3-node Ray cluster: its agents restart elsewhere, the run completes.
+"""Chaos on a 3-node Ray cluster (a head without CPUs and two workers), through ``agentforge
+drill``'s code path: (a) random agent kills and raised faults with agents spread over both
+workers; (c) a node removed mid-run: its agents restart on the other worker, the run completes.
 
-The node is killed the way ``chaos.node_kill_rate`` does it on a real cluster (its raylet is shut
-down without grace, as Ray's own RayletKiller does), through ``agentforge drill``'s code path.
+The node is crashed the way ``chaos.node_kill_rate`` does it on a real cluster: its raylet and
+every process the raylet started die by SIGKILL (``coordinator.chaos.kill_node``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("fresh_driver")]
 MiB = 1024 * 1024
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def three_nodes() -> Iterator[LocalCluster]:
     """A head without CPUs (the driver's node, never killed) and two 2-CPU workers."""
     with pytest.MonkeyPatch.context() as patch:
@@ -32,6 +34,15 @@ def three_nodes() -> Iterator[LocalCluster]:
         with LocalCluster(num_nodes=3, cpus_per_node=2, head_cpus=0, object_store_memory=80 * MiB) as cluster:
             yield cluster
     refresh_ray_auth()
+
+
+def test_random_agent_kills_across_nodes_never_change_the_outputs(three_nodes, tmp_path):
+    connect(three_nodes.address)
+    workers = {n.node_id for n in three_nodes.worker_nodes}
+    report = run_drill(ChaosConfig(seed=11, kill_rate=0.2, raise_rate=0.1), tmp_path, run_id="kills", work_s=0.02)
+    assert report.passed, report.summary()
+    assert report.faults_injected.get("kill", 0) >= 1 and report.dispatches > report.tasks
+    assert set(report.nodes_chaos) == workers, "agents spread over both workers"
 
 
 def test_a_node_killed_mid_run_moves_its_agents_and_the_run_completes(three_nodes, tmp_path):
