@@ -17,7 +17,7 @@ from cluster.connect import connect
 from cluster.local import LocalCluster
 from coordinator.chaos import ChaosConfig
 from coordinator.drill import run_drill
-from tests.cluster.conftest import fresh_driver, refresh_ray_auth  # noqa: F401 - fresh_driver is a fixture
+from tests.cluster.conftest import fresh_driver, unauthenticated_local_cluster  # noqa: F401 - fresh_driver is a fixture
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("fresh_driver")]
 
@@ -27,13 +27,8 @@ MiB = 1024 * 1024
 @pytest.fixture(scope="module")
 def three_nodes() -> Iterator[LocalCluster]:
     """A head without CPUs (the driver's node, never killed) and two 2-CPU workers."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_AUTH_MODE", "disabled")
-        patch.delenv("RAY_ADDRESS", raising=False)
-        refresh_ray_auth()
-        with LocalCluster(num_nodes=3, cpus_per_node=2, head_cpus=0, object_store_memory=80 * MiB) as cluster:
-            yield cluster
-    refresh_ray_auth()
+    with unauthenticated_local_cluster(num_nodes=3, cpus_per_node=2, head_cpus=0, object_store_memory=80 * MiB) as cluster:
+        yield cluster
 
 
 def test_random_agent_kills_across_nodes_never_change_the_outputs(three_nodes, tmp_path):

@@ -7,6 +7,7 @@ other tests may run Ray on this machine at the same time, so no `ray stop`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -23,6 +24,8 @@ import pytest
 import ray  # noqa: F401  (also puts Ray's vendored psutil on sys.path)
 import psutil  # noqa: E402
 import requests
+
+from cluster.local import LocalCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _AUTH_ENVS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
@@ -46,6 +49,19 @@ def refresh_ray_auth() -> None:
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextlib.contextmanager
+def unauthenticated_local_cluster(**kwargs) -> Iterator[LocalCluster]:
+    """A ``cluster.LocalCluster(**kwargs)`` with token auth off and no RAY_ADDRESS: its nodes
+    inherit this process's environment, so it is set for them (see ``auth_env``)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "disabled")
+        patch.delenv("RAY_ADDRESS", raising=False)
+        refresh_ray_auth()
+        with LocalCluster(**kwargs) as cluster:
+            yield cluster
+    refresh_ray_auth()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.connect import connect, current, shutdown
 from cluster.local import LocalCluster
-from tests.cluster.conftest import refresh_ray_auth
+from tests.cluster.conftest import unauthenticated_local_cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("fresh_driver")]
 
@@ -20,14 +20,8 @@ MiB = 1024 * 1024
 @pytest.fixture(scope="module")
 def local_cluster() -> Iterator[LocalCluster]:
     """A head (0 CPUs) and two 1-CPU workers, token auth off, shared by this module."""
-    with pytest.MonkeyPatch.context() as patch:
-        # cluster_utils nodes inherit this env; keep them deterministic (see conftest.auth_env).
-        patch.setenv("RAY_AUTH_MODE", "disabled")
-        patch.delenv("RAY_ADDRESS", raising=False)
-        refresh_ray_auth()
-        with LocalCluster(num_nodes=3, cpus_per_node=1, head_cpus=0, object_store_memory=100 * MiB) as cluster:
-            yield cluster
-    refresh_ray_auth()
+    with unauthenticated_local_cluster(num_nodes=3, cpus_per_node=1, head_cpus=0, object_store_memory=100 * MiB) as cluster:
+        yield cluster
 
 
 @ray.remote(num_cpus=1)

@@ -174,3 +174,9 @@ def test_dare_matches_mergekit_in_distribution(method):
     assert ours.std(0).mean() == pytest.approx(ref.std(0).mean(), rel=0.05)
     kept = lambda t: (t != models[0]["w"]).float().mean()  # noqa: E731
     assert kept(ours) == pytest.approx(kept(ref), abs=0.01)
+
+
+def test_ties_keeps_at_least_one_entry_of_a_tiny_tensor():
+    base, x = torch.zeros(3), torch.tensor([0.1, -2.0, 0.5])
+    out = merge_tensor("ties", [base, x], base=0, parameters={"weight": 1.0, "density": 0.1})
+    assert torch.equal(out, torch.tensor([0.0, -2.0, 0.0]))

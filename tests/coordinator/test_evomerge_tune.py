@@ -1,0 +1,57 @@
+"""EvoMerge's GA on real Ray Tune: trials run concurrently, and the search equals the plain GA."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from ray import tune
+
+from coordinator.drivers.evomerge_tune import run_search
+from phases.evomerge.evolution import Evolution, EvolutionConfig
+from phases.evomerge.genome import Genome, random_genome
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+TARGET = random_genome(random.Random(7), 3, 1)
+CFG = EvolutionConfig(population=6, groups=1, max_generations=4, patience=4)
+
+
+def synthetic_fitness(genome: Genome) -> float:
+    t = TARGET.genes()
+    return -sum(abs(a - b) for a, b in zip(genome.genes(), t)) / len(t) + 0.1 * (genome.method == TARGET.method)
+
+
+def trainable(config: dict) -> None:
+    """A trial: fitness of the genome it was given (a stand-in for merge + evaluate)."""
+    genome = Genome.from_json(config["genome"])
+    assert genome.key() == config["key"]
+    tune.report({"fitness": synthetic_fitness(genome)})
+
+
+def failing_trainable(config: dict) -> None:
+    if Genome.from_json(config["genome"]).method == "ties":
+        raise RuntimeError("this candidate crashes its trial")
+    tune.report({"fitness": synthetic_fitness(Genome.from_json(config["genome"]))})
+
+
+def test_tune_search_equals_the_plain_ga(tmp_path):
+    plain = Evolution(CFG, n_models=3, seed=5)
+    best_plain, fit_plain = plain.run(lambda gs: [synthetic_fitness(g) for g in gs])
+    records = []
+    evo = Evolution(CFG, n_models=3, seed=5)
+    best, fit, searcher = run_search(trainable, evo, storage_path=tmp_path, name="ga", resources={"cpu": 0.5},
+                                     on_generation=records.append)
+    assert (best.key(), fit) == (best_plain.key(), fit_plain)
+    assert [r.best_key for r in records] == [r.best_key for r in plain.history]
+    assert sum(r.evaluated for r in records) == len(evo.cache) == len(plain.cache)
+    assert not searcher.failed
+
+
+def test_a_failing_trial_scores_minus_inf_and_the_search_goes_on(tmp_path):
+    evo = Evolution(CFG.model_copy(update={"max_generations": 2}), n_models=3, seed=1)
+    best, fit, searcher = run_search(failing_trainable, evo, storage_path=tmp_path, name="fail", resources={"cpu": 0.5},
+                                     max_failures=0)
+    ties = [k for k, v in evo.cache.items() if v == float("-inf")]
+    assert sorted(ties) == sorted(set(searcher.failed)) and ties, "the ties candidates failed and were recorded"
+    assert best.method != "ties" and fit > float("-inf")
