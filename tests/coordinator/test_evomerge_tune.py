@@ -29,8 +29,8 @@ def trainable(config: dict) -> None:
     tune.report({"fitness": synthetic_fitness(genome)})
 
 
-def failing_trainable(config: dict) -> None:
-    if Genome.from_json(config["genome"]).method == "ties":
+def failing_trainable(config: dict, bad_key: str) -> None:
+    if config["key"] == bad_key:
         raise RuntimeError("this candidate crashes its trial")
     tune.report({"fitness": synthetic_fitness(Genome.from_json(config["genome"]))})
 
@@ -49,9 +49,10 @@ def test_tune_search_equals_the_plain_ga(tmp_path):
 
 
 def test_a_failing_trial_scores_minus_inf_and_the_search_goes_on(tmp_path):
-    evo = Evolution(CFG.model_copy(update={"max_generations": 2}), n_models=3, seed=1)
-    best, fit, searcher = run_search(failing_trainable, evo, storage_path=tmp_path, name="fail", resources={"cpu": 0.5},
-                                     max_failures=0)
-    ties = [k for k, v in evo.cache.items() if v == float("-inf")]
-    assert sorted(ties) == sorted(set(searcher.failed)) and ties, "the ties candidates failed and were recorded"
-    assert best.method != "ties" and fit > float("-inf")
+    cfg = CFG.model_copy(update={"max_generations": 1})
+    bad = Evolution(cfg, n_models=3, seed=1).initial()[-1]  # a random genome of the first population
+    evo = Evolution(cfg, n_models=3, seed=1)
+    best, fit, searcher = run_search(tune.with_parameters(failing_trainable, bad_key=bad.key()), evo,
+                                     storage_path=tmp_path, name="fail", resources={"cpu": 0.5}, max_failures=0)
+    assert searcher.failed == [bad.key()] and evo.cache[bad.key()] == float("-inf")
+    assert len(evo.cache) == 6 and best.key() != bad.key() and fit > float("-inf")
