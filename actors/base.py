@@ -268,13 +268,13 @@ def _portable(exc: BaseException, role: str, task: str) -> BaseException:
         text = str(exc)
         return CheckpointError(exc.path, text.removeprefix(prefix))
     try:
-        # A probe, not a load of outside data: we pickle our own in-memory exception and read it
-        # back in this process, to learn whether Ray's transport (which pickles exceptions) can
-        # carry it to the caller. Nothing from the wire or from disk is ever unpickled.
-        pickle.loads(ray.cloudpickle.dumps(exc))
+        # Can Ray's transport (which pickles exceptions) carry it? Pickling shows unpicklable
+        # attributes; rebuilding it from its own __reduce__ (what unpickling would call) shows a
+        # class whose __init__ needs more than its message. Nothing is ever unpickled.
+        ray.cloudpickle.dumps(exc)
+        rebuild, args = exc.__reduce__()[:2]
+        rebuild(*args)
         return exc
-    # An exception class whose __init__ needs more than its message fails to unpickle with
-    # TypeError; unpicklable attributes fail to pickle with the others.
     except (pickle.PicklingError, TypeError, AttributeError, ValueError, ImportError):
         detail = "".join(traceback.format_exception(exc)).rstrip()
         return AgentTaskError(role, task, f"{type(exc).__module__}.{type(exc).__qualname__}", detail)

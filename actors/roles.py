@@ -39,6 +39,7 @@ from coordinator.errors import ConfigError
 __all__ = [
     "AccumulatorRole",
     "DigestRole",
+    "StatelessRole",
     "EchoRole",
     "NoopRole",
     "Role",
@@ -229,12 +230,8 @@ def get_role(name: str) -> type:
 
 # --- demo roles --------------------------------------------------------------------------------
 
-@register_role("noop")
-class NoopRole:
-    """Does nothing and returns None: the floor of per-task overhead in benchmarks."""
-
-    def handle(self, task: str, payload: Any, inputs: dict[str, Any]) -> Any:
-        return None
+class StatelessRole:
+    """Base of roles with no state to checkpoint: empty state_dict, nothing to load."""
 
     def state_dict(self) -> dict:
         return {}
@@ -243,8 +240,16 @@ class NoopRole:
         return None
 
 
+@register_role("noop")
+class NoopRole(StatelessRole):
+    """Does nothing and returns None: the floor of per-task overhead in benchmarks."""
+
+    def handle(self, task: str, payload: Any, inputs: dict[str, Any]) -> Any:
+        return None
+
+
 @register_role("echo")
-class EchoRole:
+class EchoRole(StatelessRole):
     """Returns its message: a pure function, so replays and retries give equal outputs.
 
     A payload ``{"sleep_s": x, ...}`` sleeps ``x`` seconds first (a slow task, for deadlines).
@@ -254,12 +259,6 @@ class EchoRole:
         if isinstance(payload, dict) and isinstance(payload.get("sleep_s"), (int, float)):
             time.sleep(max(0.0, float(payload["sleep_s"])))
         return {"task": task, "payload": payload, "inputs": inputs}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
 
 
 @register_role("accumulator")
@@ -292,7 +291,7 @@ class AccumulatorRole:
         self.total, self.count, self.tasks = state["total"], int(state["count"]), list(state["tasks"])
 
 
-class DigestRole:
+class DigestRole(StatelessRole):
     """sha256 of the task name, payload and input digests: a pure function with a 16-hex output,
     so a run with faults can be compared output by output with a fault-free one.
 
@@ -304,12 +303,6 @@ class DigestRole:
             time.sleep(max(0.0, float(payload["work_s"])))
         text = json.dumps([task, payload, sorted(inputs.items())], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
 
 
 # A team has one agent per role, so the drill's four agents are four registered names.

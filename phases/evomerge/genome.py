@@ -24,7 +24,7 @@ import json
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 from phases.evomerge.merge import MergeError
@@ -64,7 +64,6 @@ class Genome:
     densities: tuple[tuple[float, ...], ...]
     t: tuple[float, ...]
     base: int = 0
-    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)  # lineage, not identity
 
     def __post_init__(self) -> None:
         if self.method not in EVOLVABLE:
@@ -144,7 +143,7 @@ def crossover(rng: random.Random, a: Genome, b: Genome, rate: float = 0.7) -> Ge
     """With probability ``rate``, a child taking each gene (and the operator) from a or b at
     random; otherwise a copy of ``a``."""
     if rng.random() >= rate:
-        return replace(a, meta={})
+        return a
 
     def mix(ra: Sequence[Sequence[float]], rb: Sequence[Sequence[float]]) -> tuple[tuple[float, ...], ...]:
         return tuple(tuple(x if rng.random() < 0.5 else y for x, y in zip(r1, r2)) for r1, r2 in zip(ra, rb))

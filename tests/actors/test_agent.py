@@ -265,3 +265,22 @@ def test_chaos_faults_are_reproducible_and_a_crash_kills_the_process(team):
         call(noop, "boom")
     beat = wait_restarted(noop, old_pid)  # Ray restarted it; set_chaos is not persisted
     assert beat["restarts"] >= 1 and call(noop, "fine")["output"] is None
+
+
+class _NeedsTwo(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a} {b}")
+
+
+def test_exceptions_that_cannot_cross_become_a_named_stand_in():
+    import threading
+
+    from actors.base import AgentTaskError, _portable
+
+    plain = RuntimeError("fine")
+    assert _portable(plain, "r", "t") is plain
+    rebuilt = _portable(_NeedsTwo(1, 2), "r", "t")  # its __init__ cannot be called with the message alone
+    assert isinstance(rebuilt, AgentTaskError) and "_NeedsTwo" in str(rebuilt)
+    locked = RuntimeError("has a lock")
+    locked.lock = threading.Lock()  # cannot be pickled
+    assert isinstance(_portable(locked, "r", "t"), AgentTaskError)
