@@ -21,6 +21,7 @@ from coordinator.chaos import ChaosConfig
 from coordinator.errors import ConfigError
 from phases.cognate.config import CognateConfig
 from phases.data.config import DataConfig, FrozenConfig, config_error
+from phases.evomerge.config import EvoMergeConfig
 
 __all__ = [
     "PRESETS_DIR",
@@ -72,6 +73,7 @@ class PipelineConfig(FrozenConfig):
     chaos: ChaosConfig = ChaosConfig()
     data: DataConfig = DataConfig()
     cognate: CognateConfig = CognateConfig()
+    evomerge: EvoMergeConfig = EvoMergeConfig()
 
     def section(self, phase: str) -> BaseModel | None:
         """The config section of ``phase``, or None when the phase has none."""

@@ -47,10 +47,13 @@ Consumes = Literal["none", "model", "models"]
 
 @dataclass(frozen=True)
 class PhaseInputs:
-    """The models a phase consumes: HF directories and their references (for lineage)."""
+    """The models a phase consumes: HF directories and their references (for lineage), and the
+    upstream phase's named artifacts (e.g. Cognate's ``base_model``, the variants' common
+    ancestor) when the models come from a phase of a run (not from ``--model``)."""
 
     models: list[Path] = field(default_factory=list)
     refs: list[ArtifactRef] = field(default_factory=list)
+    artifacts: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,7 +180,8 @@ class PipelineFailed(AgentForgeError):
 
 def _inputs_from_result(run: RunFolder, result: PhaseResult) -> PhaseInputs:
     refs = list(result.models) or ([result.model] if result.model else [])
-    return PhaseInputs(models=[run.resolve(r) for r in refs], refs=refs)
+    return PhaseInputs(models=[run.resolve(r) for r in refs], refs=refs,
+                       artifacts={name: run.resolve(r) for name, r in result.artifacts.items()})
 
 
 def _upstream_inputs(
@@ -203,7 +207,8 @@ def _upstream_inputs(
             result, reason = source.verify_result(prev.number, prev.name)
             if result is not None and reason is None:
                 inputs = _inputs_from_result(source, result)
-                return PhaseInputs(models=inputs.models, refs=[source.ref(p) for p in inputs.models])
+                return PhaseInputs(models=inputs.models, refs=[source.ref(p) for p in inputs.models],
+                                   artifacts=inputs.artifacts)
     raise PhaseError(
         spec.name,
         "needs input models: run an earlier phase in the same run, pass --model DIR, "

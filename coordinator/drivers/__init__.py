@@ -6,9 +6,9 @@ and the issue that builds it; they never produce output.
 """
 
 from coordinator.drivers import cognate  # noqa: F401 - registers phase 1
+from coordinator.drivers import evomerge  # noqa: F401 - registers phase 2
 from coordinator.pipeline import register_unbuilt
 
-register_unbuilt("evomerge", number=2, title="EvoMerge: evolutionary merging", consumes="models", issue=4)
 register_unbuilt("quietstar", number=3, title="Quiet-STaR: thought tokens", consumes="model", issue=6)
 register_unbuilt("bitnet", number=4, title="BitNet b1.58: ternary QAT", consumes="model", issue=7)
 register_unbuilt("forge", number=5, title="Forge training: Grokfast and curriculum", consumes="model", issue=8)

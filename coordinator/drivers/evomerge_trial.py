@@ -21,44 +21,133 @@ from typing import Any
 
 import torch
 
-__all__ = ["evaluate_genome", "trial"]
+__all__ = ["child_model", "evaluate_genome", "materialize", "measure_parents", "trial"]
 
 
 @functools.lru_cache(maxsize=2)
 def _worker_state(setup_json: str) -> dict[str, Any]:
-    """Parents' state dicts, the corpus, its fixed task slice and a model skeleton, once per worker."""
+    """Parents' state dicts, their configs, the corpus and its fixed task slice, once per worker."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     import phases.cognate  # noqa: F401 - registers the Cognate family with the Auto classes
     from phases.data import DataConfig, load_corpus
 
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per parent per worker is noise
     setup = json.loads(setup_json)
     torch.set_num_threads(int(setup.get("threads", 1)))
     parents = [AutoModelForCausalLM.from_pretrained(p) for p in setup["parents"]]
-    states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in parents]
     corpus = load_corpus(DataConfig.from_dict(setup["data"]), seed=int(setup["seed"]))
     tasks = list(corpus.heldout_tasks[: int(setup["eval"]["tasks"])])
-    return {"states": states, "skeleton": parents[0], "corpus": corpus, "tasks": tasks,
-            "num_layers": int(getattr(parents[0].config, "num_hidden_layers", 1))}
+    # The parents' own modules are the skeletons a child is loaded into: skeleton i has parent
+    # i's config (a genome's ``config_from``). Their weights are overwritten by each child;
+    # ``states`` keeps the parents' tensors (``load_state_dict`` copies into the skeleton).
+    skeletons = parents
+    states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in parents]
+    from phases.evomerge.layout import layer_indices
+
+    return {"states": states, "skeletons": skeletons, "corpus": corpus, "tasks": tasks,
+            "num_layers": int(getattr(parents[0].config, "num_hidden_layers", 1)),
+            "stack": len(layer_indices(states[0])), "shaped": {}}
 
 
-def evaluate_genome(genome_json: dict, setup: dict) -> dict[str, Any]:
-    """Merge and measure one genome; returns the objectives, the fitness and its terms."""
-    from phases.evomerge.fitness import Objectives, composite, measure
+def _skeleton(state: dict[str, Any], config_from: int, stack: int) -> torch.nn.Module:
+    """A model of parent ``config_from``'s config with ``stack`` layers in its layer stack
+    (the parent's own module when the depth is unchanged; else built once per worker)."""
+    if stack == state["stack"]:
+        return state["skeletons"][config_from]
+    key = (config_from, stack)
+    if key not in state["shaped"]:
+        from transformers import AutoModelForCausalLM
+
+        from phases.evomerge.layout import layout_config
+
+        parent = state["skeletons"][config_from].config
+        cfg = type(parent).from_dict(layout_config(parent.to_dict(), state["stack"], stack))
+        state["shaped"][key] = AutoModelForCausalLM.from_config(cfg)
+    return state["shaped"][key]
+
+
+def child_model(genome_json: dict, setup: dict) -> torch.nn.Module:
+    """The child of a genome, merged in memory and loaded into the skeleton of its
+    ``config_from`` parent (the worker's; the next call overwrites it)."""
     from phases.evomerge.genome import Genome
     from phases.evomerge.merge import merge
 
     state = _worker_state(json.dumps(setup, sort_keys=True))
     genome = Genome.from_json(genome_json)
+    if genome.n_models != len(state["states"]):
+        raise ValueError(f"the genome merges {genome.n_models} models, the setup has {len(state['states'])}")
     merged = merge(genome.method, state["states"], base=genome.base, parameters=genome.parameters_for(0),
                    per_tensor=genome.per_tensor(state["num_layers"]), seed=int(genome.key()[:8], 16))
-    model = state["skeleton"]
+    stack = state["stack"]
+    if genome.layout:
+        from phases.evomerge.layout import dfs_merge, path_from_bits
+
+        # Source 0 is this genome's parameter-space merge, sources 1.. the models (PS+DFS).
+        path = path_from_bits(genome.layout, len(state["states"]) + 1, state["stack"])
+        merged, stack = dfs_merge([merged, *state["states"]], path, rest_from=0), len(path)
+    model = _skeleton(state, genome.config_from, stack)
     model.load_state_dict(merged)
-    obj = measure(model, state["corpus"], state["tasks"], batch_size=int(setup["eval"]["batch_size"]),
-                  max_batches=int(setup["eval"]["max_batches"]))
+    return model
+
+
+def _measure(model: torch.nn.Module, setup: dict):
+    from phases.evomerge.fitness import measure
+
+    state = _worker_state(json.dumps(setup, sort_keys=True))
+    return measure(model, state["corpus"], state["tasks"], batch_size=int(setup["eval"]["batch_size"]),
+                   max_batches=int(setup["eval"]["max_batches"]))
+
+
+def measure_parents(setup: dict) -> dict[str, Any]:
+    """``{"objectives": [per model, as loaded], "layers": depth of the layer stack}``: the
+    fitness reference's inputs and what a layout genome needs to know."""
+    state = _worker_state(json.dumps(setup, sort_keys=True))
+    out = []
+    for st, model in zip(state["states"], state["skeletons"]):
+        model.load_state_dict(st)
+        out.append(_measure(model, setup).to_json())
+    return {"objectives": out, "layers": state["stack"]}
+
+
+def evaluate_genome(genome_json: dict, setup: dict) -> dict[str, Any]:
+    """Merge and measure one genome; returns the objectives, the fitness and its terms."""
+    from phases.evomerge.fitness import Objectives, composite
+
+    obj = _measure(child_model(genome_json, setup), setup)
     fitness, terms = composite(obj, Objectives(**setup["reference"]))
     return {"fitness": fitness, **{f"terms/{k}": v for k, v in terms.items()},
             **{f"objectives/{k}": v for k, v in obj.to_json().items()}}
+
+
+def materialize(genome_json: dict, setup: dict, out_dir: str, tokenizer_from: str) -> dict[str, Any]:
+    """Write the genome's child as an HF model dir (weights, config, and the tokenizer files of
+    ``tokenizer_from``), atomically; returns its evaluation (as :func:`evaluate_genome`)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    result = evaluate_genome(genome_json, setup)
+    model = child_model(genome_json, setup)
+    out = Path(out_dir)
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    written = {p.name for p in tmp.iterdir()}
+    for f in Path(tokenizer_from).iterdir():  # tokenizer and special-token files, not weights
+        if f.is_file() and f.name not in written and not f.name.endswith((".safetensors", ".bin", ".json.index")) \
+                and (f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) or f.suffix == ".model"):
+            shutil.copy2(f, tmp / f.name)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return result
 
 
 def trial(config: dict, setup: dict | None = None) -> None:

@@ -20,7 +20,9 @@ GPU fraction), so more nodes mean more concurrent trials with no code change.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,9 @@ from ray.tune.search import Searcher
 
 from phases.evomerge.evolution import Evolution, GenerationRecord
 from phases.evomerge.genome import Genome
+from phases.evomerge.steady import SteadyState
 
-__all__ = ["GenomeSearcher", "run_search"]
+__all__ = ["GenomeSearcher", "SteadySearcher", "run_search"]
 
 
 class GenomeSearcher(Searcher):
@@ -40,20 +43,62 @@ class GenomeSearcher(Searcher):
     Args:
         evolution: the GA, fresh or restored from a checkpoint (``load_state_dict``).
         on_generation: called with each closed generation's record (checkpoint here).
+        details: genome key -> the trial's other numeric results (objectives, fitness terms);
+            filled as trials complete (pass a restored dict to keep earlier ones).
     Attributes:
         failed: keys of genomes whose trials failed.
     """
 
-    def __init__(self, evolution: Evolution, on_generation: Callable[[GenerationRecord], None] | None = None):
+    def __init__(self, evolution: Evolution, on_generation: Callable[[GenerationRecord], None] | None = None,
+                 details: dict[str, dict[str, float]] | None = None):
         super().__init__(metric="fitness", mode="max")
         self.evo = evolution
         self._on_generation = on_generation
+        self.details = details if details is not None else {}
         if not self.evo.population:
             self.evo.initial()
         self._queue: list[Genome] = self.evo.pending()
         self._running: dict[str, Genome] = {}
         self._evaluated = 0
         self.failed: list[str] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles the searcher with the Tuner (tuner.pkl); the callback (which may hold
+        # the driver's tracker, locks and files) stays behind.
+        state = dict(self.__dict__)
+        state["_on_generation"] = None
+        return state
+
+    def save(self, checkpoint_path: str) -> None:
+        """Tune's experiment checkpoint of the searcher: the GA's JSON state, never pickle."""
+        from serialization.checkpoint import atomic_write_json
+
+        atomic_write_json(checkpoint_path, {"evolution": self.evo.state_dict(), "details": self.details,
+                                            "failed": self.failed})
+
+    def restore(self, checkpoint_path: str) -> None:
+        state = json.loads(Path(checkpoint_path).read_text())
+        self.evo.load_state_dict(state["evolution"])
+        self.details, self.failed = state["details"], list(state["failed"])
+        self._reset()
+
+    def _reset(self) -> None:
+        self._queue, self._running, self._evaluated = self.evo.pending(), {}, 0
+
+    def _record(self, trial_id: str, result: dict | None, error: bool) -> Genome | None:
+        """Put a finished trial's fitness (``-inf`` when it failed) and details in the GA."""
+        genome = self._running.pop(trial_id, None)
+        if genome is None:
+            return None
+        fitness = None if error or not result else result.get(self.metric)
+        if fitness is None or not math.isfinite(float(fitness)):
+            self.failed.append(genome.key())
+            fitness = float("-inf")
+        self.evo.cache[genome.key()] = float(fitness)
+        if result and not error:
+            self.details[genome.key()] = {k: float(v) for k, v in result.items()
+                                          if k.startswith(("objectives/", "terms/")) and isinstance(v, (int, float))}
+        return genome
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if not self._queue and not self._running:
@@ -67,14 +112,8 @@ class GenomeSearcher(Searcher):
         return {"genome": genome.to_json(), "key": genome.key(), "generation": self.evo.generation}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        genome = self._running.pop(trial_id, None)
-        if genome is None:
+        if self._record(trial_id, result, error) is None:
             return
-        fitness = None if error or not result else result.get(self.metric)
-        if fitness is None or not math.isfinite(float(fitness)):
-            self.failed.append(genome.key())
-            fitness = float("-inf")
-        self.evo.cache[genome.key()] = float(fitness)
         self._evaluated += 1
         if not self._queue and not self._running:
             self._close_generation()
@@ -89,10 +128,57 @@ class GenomeSearcher(Searcher):
         self._queue = [] if self.evo.done else self.evo.pending()
 
 
+class SteadySearcher(GenomeSearcher):
+    """Tune searcher for continuous breeding (:class:`phases.evomerge.steady.SteadyState`):
+    ``suggest`` hands out any bred child not yet running, so a free worker gets work at once
+    unless the GA's window says the next child must wait for an older result; results are
+    applied in breeding order, so the search does not depend on which trial finished first."""
+
+    evo: SteadyState
+
+    def __init__(self, evolution: SteadyState, on_generation: Callable[[GenerationRecord], None] | None = None,
+                 details: dict[str, dict[str, float]] | None = None):
+        Searcher.__init__(self, metric="fitness", mode="max")
+        self.evo = evolution
+        self._on_generation = on_generation
+        self.details = details if details is not None else {}
+        self.failed: list[str] = []
+        self.evo.start()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._running, self._inflight = {}, set()
+        self._advance()
+
+    def _advance(self) -> None:
+        for record in self.evo.apply_ready():
+            if self._on_generation is not None:
+                self._on_generation(record)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        self._advance()
+        if self.evo.done:
+            return Searcher.FINISHED
+        for _, genome in self.evo.runnable():
+            if genome.key() not in self._inflight:
+                self._inflight.add(genome.key())
+                self._running[trial_id] = genome
+                return {"genome": genome.to_json(), "key": genome.key(), "generation": self.evo.generation}
+        return None  # the window: the next child waits for an older result
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        genome = self._record(trial_id, result, error)
+        if genome is not None:
+            self._inflight.discard(genome.key())
+            self._advance()
+
+
 def run_search(trainable: Callable[[dict], None], evolution: Evolution, *, storage_path: str | Path, name: str,
                resources: dict[str, float] | None = None, max_concurrent: int | None = None,
                max_failures: int = 2, on_generation: Callable[[GenerationRecord], None] | None = None,
-               reuse_actors: bool = True) -> tuple[Genome, float, GenomeSearcher]:
+               reuse_actors: bool = True,
+               details: dict[str, dict[str, float]] | None = None,
+               on_searcher: Callable[[GenomeSearcher], None] | None = None) -> tuple[Genome, float, GenomeSearcher]:
     """Run the GA with one Tune trial per candidate; returns the best genome, its fitness, the searcher.
 
     Args:
@@ -104,8 +190,16 @@ def run_search(trainable: Callable[[dict], None], evolution: Evolution, *, stora
         max_concurrent: trials at once (default: as many as the resources allow).
         max_failures: Tune's retries of a failed trial (e.g. lost with its node).
         reuse_actors: keep trial processes between trials, so parents load once per worker.
+        details: see :class:`GenomeSearcher`.
+        on_searcher: called with the searcher before the search starts.
     """
-    searcher = GenomeSearcher(evolution, on_generation)
+    # Tune's new console output prints its experiment table even at verbose=0; the legacy
+    # reporter honours it. The driver logs one line per generation instead.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    searcher = (SteadySearcher if isinstance(evolution, SteadyState) else GenomeSearcher)(
+        evolution, on_generation, details)
+    if on_searcher is not None:
+        on_searcher(searcher)
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources or {"cpu": 1}),
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=max_concurrent,

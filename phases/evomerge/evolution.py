@@ -34,7 +34,7 @@ from pydantic import Field
 from phases.data.config import FrozenConfig
 from phases.evomerge.genome import EVOLVABLE, Genome, crossover, diversity, mutate, random_genome, tournament
 
-__all__ = ["Evolution", "EvolutionConfig", "GenerationRecord", "parent_genome"]
+__all__ = ["Evolution", "EvolutionConfig", "GenerationRecord", "identity_layout", "parent_genome"]
 
 
 class EvolutionConfig(FrozenConfig):
@@ -51,14 +51,27 @@ class EvolutionConfig(FrozenConfig):
     patience: int = Field(5, ge=1)  # generations without improvement before stopping
     max_generations: int = Field(50, ge=1)
     groups: int = Field(4, ge=1)  # layer groups with their own coefficients
+    # Layer layouts (frankenmerge / DFS) in the genome: the number of times the path may pass
+    # through the sources' layers (Akiba et al.'s r); 0 = parameter-space merging only.
+    dfs_repeats: int = Field(0, ge=0, le=8)
     methods: tuple[str, ...] = EVOLVABLE
 
 
-def parent_genome(index: int, n_models: int, groups: int, base: int = 0) -> Genome:
-    """The genome that reproduces parent ``index`` exactly: linear with weight 1 on it."""
+def identity_layout(n_models: int, layers: int, repeats: int) -> tuple[int, ...]:
+    """The layout bits of the merge's own layers in order (none when ``repeats`` is 0)."""
+    if not repeats or layers < 1:
+        return ()
+    size = repeats * (n_models + 1) * layers
+    return tuple(1 if j < layers else 0 for j in range(size))
+
+
+def parent_genome(index: int, n_models: int, groups: int, base: int = 0, layout: tuple[int, ...] = ()) -> Genome:
+    """The genome that reproduces parent ``index`` exactly: linear with weight 1 on it (and the
+    identity ``layout`` when layouts are searched)."""
     row = tuple(1.0 if m == index else 0.0 for m in range(n_models))
     return Genome(method="linear", base=base, weights=(row,) * (groups + 1),
-                  densities=((1.0,) * n_models,) * (groups + 1), t=(0.5,) * (groups + 1))
+                  densities=((1.0,) * n_models,) * (groups + 1), t=(0.5,) * (groups + 1), config_from=index,
+                  layout=layout)
 
 
 @dataclass
@@ -87,8 +100,13 @@ class Evolution:
     n_models: int
     seed: int
     base: int = 0
+    layers: int = 0  # the models' layer-stack depth (needed when cfg.dfs_repeats > 0)
     cache: dict[str, float] = field(default_factory=dict)
     history: list[GenerationRecord] = field(default_factory=list)
+    # genome key -> how it was made, the first time it was: {"generation", "op", "parents"
+    # (keys), "genome"}; op is "parent" (with "model"), "random", "immigrant", or "crossover"
+    # / "mutation" / "crossover+mutation" / "copy".
+    lineage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -97,18 +115,45 @@ class Evolution:
         self.best_fitness = float("-inf")
         self.stale = 0
         self.population: list[Genome] = []
+        self.identity = identity_layout(self.n_models, self.layers, self.cfg.dfs_repeats)
+        if self.cfg.dfs_repeats and self.layers < 1:
+            raise ValueError("dfs_repeats > 0 needs the models' layer count (Evolution(layers=...))")
 
-    def _random(self) -> Genome:
-        return random_genome(self.rng, self.n_models, self.cfg.groups, base=self.base, methods=self.cfg.methods)
+    def _note(self, genome: Genome, op: str, parents: Sequence[Genome] = (), **extra: Any) -> Genome:
+        self.lineage.setdefault(genome.key(), {"generation": self.generation, "op": op,
+                                               "parents": [p.key() for p in parents], "genome": genome.to_json(),
+                                               **extra})
+        return genome
+
+    def _random(self, op: str = "random") -> Genome:
+        genome = random_genome(self.rng, self.n_models, self.cfg.groups, base=self.base, methods=self.cfg.methods,
+                               layout=self.identity)
+        return self._note(genome, op)
 
     def initial(self) -> list[Genome]:
         """The parents' own genomes, then random ones, ``population`` in all (the current population)."""
-        pop = [parent_genome(i, self.n_models, self.cfg.groups, self.base) for i in range(self.n_models)]
+        pop = [self._note(parent_genome(i, self.n_models, self.cfg.groups, self.base, self.identity), "parent", model=i)
+               for i in range(self.n_models)]
         pop = pop[: self.cfg.population]
         while len(pop) < self.cfg.population:
             pop.append(self._random())
         self.population = pop
         return pop
+
+    def ancestry(self, key: str) -> list[dict[str, Any]]:
+        """The lineage of genome ``key``: it and every ancestor back to the first population,
+        each ``{"key", "generation", "op", "parents", "fitness", "genome"}``, newest first."""
+        out, seen, todo = [], set(), [key]
+        while todo:
+            k = todo.pop(0)
+            if k in seen or k not in self.lineage:
+                continue
+            seen.add(k)
+            node = self.lineage[k]
+            fit = self.cache.get(k)
+            out.append({"key": k, **node, "fitness": fit if fit is None or math.isfinite(fit) else None})
+            todo.extend(node["parents"])
+        return out
 
     def pending(self) -> list[Genome]:
         """The current population's genomes not evaluated yet (each key once)."""
@@ -129,8 +174,10 @@ class Evolution:
         scores = self._scores(pop, fit)
         a = tournament(self.rng, pop, scores, self.cfg.tournament)
         b = tournament(self.rng, pop, scores, self.cfg.tournament)
-        child = crossover(self.rng, a, b, self.cfg.crossover_rate)
-        return mutate(self.rng, child, self.cfg.mutation_rate, self.cfg.mutation_strength, self.cfg.methods)
+        crossed = crossover(self.rng, a, b, self.cfg.crossover_rate)
+        child = mutate(self.rng, crossed, self.cfg.mutation_rate, self.cfg.mutation_strength, self.cfg.methods)
+        ops = (["crossover"] if crossed is not a else []) + (["mutation"] if child != crossed else [])
+        return self._note(child, "+".join(ops) or "copy", [a, b] if crossed is not a else [a])
 
     def next_generation(self, pop: Sequence[Genome], fit: Sequence[float]) -> tuple[list[Genome], int]:
         """The next population and how many immigrants it took to keep diversity up."""
@@ -141,7 +188,7 @@ class Evolution:
         for i in range(len(children) - 1, -1, -1):
             if diversity(elites + children) >= self.cfg.min_diversity:
                 break
-            children[i] = self._random()
+            children[i] = self._random("immigrant")
             immigrants += 1
         return elites + children, immigrants
 
@@ -200,7 +247,8 @@ class Evolution:
                 # a failed candidate's -inf is not JSON: stored as null
                 "cache": {k: (v if math.isfinite(v) else None) for k, v in self.cache.items()},
                 "history": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                             for k, v in asdict(r).items()} for r in self.history], "rng": [version, list(internal), gauss]}
+                             for k, v in asdict(r).items()} for r in self.history], "rng": [version, list(internal), gauss],
+                "lineage": self.lineage}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s output."""
@@ -213,3 +261,4 @@ class Evolution:
         self.cache = {k: float(v) if v is not None else float("-inf") for k, v in state["cache"].items()}
         self.history = [GenerationRecord(**{k: float("-inf") if v is None else v for k, v in r.items()})
                         for r in state["history"]]
+        self.lineage = dict(state.get("lineage", {}))

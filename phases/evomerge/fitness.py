@@ -14,9 +14,9 @@ parents and children are scored on one scale and "beats the best parent" means s
 Speed and memory are deterministic measures (DESIGN.md, "Determinism"): FLOPs per token are
 ``2 x`` the weights every token multiplies (every ``nn.Linear``; the pondered block of a
 Cognate model counted once per mean ponder step measured on the held-out windows), and memory
-is the bytes of the model's distinct tensors. Merges of one architecture (all parameter-space
-methods) leave both unchanged, so only perplexity and accuracy separate them; layouts
-(frankenmerge, DFS) will change them. Measured timings may be reported beside these, never
+is the bytes of the model's distinct tensors. Parameter-space merges of one architecture
+leave both unchanged, so only perplexity and accuracy separate them; layouts (frankenmerge,
+DFS) change the depth and with it both. Measured timings may be reported beside these, never
 used for the decision by default.
 """
 

@@ -252,7 +252,10 @@ def test_agentforge_submit_runs_the_tiny_pipeline_on_a_token_cluster(token_head,
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [*agentforge_cmd(), "submit", "--address", token_head.dashboard_url, "--working-dir", str(REPO_ROOT),
-         "--json", "--", "run", "--preset", "tiny", "--out", str(out), "--wandb", "disabled"],
+         "--json", "--", "run", "--preset", "tiny", "--out", str(out), "--wandb", "disabled",
+         # the whole plan, shortened: this tests the job path, not the training
+         "--set", "cognate.warmup_steps=20", "--set", "cognate.steps=10", "--set", "cognate.checkpoint_every=10",
+         "--set", "evomerge.population=4", "--set", "evomerge.max_generations=1"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -260,3 +263,4 @@ def test_agentforge_submit_runs_the_tiny_pipeline_on_a_token_cluster(token_head,
     assert outcome["status"] == "SUCCEEDED"
     result = json.loads((out / "01_cognate" / "result.json").read_text())
     assert result["success"] and len(result["models"]) == 3
+    assert json.loads((out / "02_evomerge" / "result.json").read_text())["success"]

@@ -64,3 +64,25 @@ def test_a_tune_search_over_real_merges_ends_at_or_above_the_best_parent(setup, 
     assert not searcher.failed and len(evo.cache) >= 5
     assert fit >= best_parent - 1e-12
     assert evaluate_genome(best.to_json(), cfg)["fitness"] == pytest.approx(fit, rel=1e-9), "re-merging the best recipe reproduces it"
+
+
+def test_a_layout_genome_changes_depth_and_the_speed_and_memory_terms(setup):
+    """DFS: a path that runs the merge's layer twice and one parent's layer once gives a model
+    two plain layers deeper (the pondered block stays): more FLOPs and bytes, lower speed and
+    memory terms, and the recipe re-merges to the same numbers."""
+    import dataclasses
+
+    from phases.evomerge.evolution import identity_layout
+
+    cfg, objs, ref = setup
+    ident = identity_layout(3, 1, 2)  # 1 plain layer, 4 sources, 2 repeats
+    deep = list(ident)
+    deep[2] = 1  # source 2 (parent 1), layer 0, first repeat
+    deep[4] = 1  # source 0 (the merge), layer 0, second repeat
+    genome = dataclasses.replace(parent_genome(0, 3, 2), layout=tuple(deep))
+    got = evaluate_genome(genome.to_json(), cfg)
+    same = evaluate_genome(dataclasses.replace(parent_genome(0, 3, 2), layout=ident).to_json(), cfg)
+    assert same["fitness"] == pytest.approx(composite(objs[0], ref)[0], rel=1e-9), "the identity layout is the parent"
+    assert got["objectives/weight_bytes"] > same["objectives/weight_bytes"]
+    assert got["terms/memory"] < same["terms/memory"] and got["terms/speed"] < same["terms/speed"]
+    assert evaluate_genome(genome.to_json(), cfg)["fitness"] == got["fitness"]

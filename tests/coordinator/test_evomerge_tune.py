@@ -56,3 +56,26 @@ def test_a_failing_trial_scores_minus_inf_and_the_search_goes_on(tmp_path):
                                      storage_path=tmp_path, name="fail", resources={"cpu": 0.5}, max_failures=0)
     assert searcher.failed == [bad.key()] and evo.cache[bad.key()] == float("-inf")
     assert len(evo.cache) == 6 and best.key() != bad.key() and fit > float("-inf")
+
+
+def slow_trainable(config: dict) -> None:
+    """Trials of uneven length, so completion order differs from dispatch order."""
+    import time
+
+    genome = Genome.from_json(config["genome"])
+    time.sleep(0.05 * (int(config["key"][:2], 16) % 4))
+    tune.report({"fitness": synthetic_fitness(genome)})
+
+
+def test_continuous_breeding_on_tune_equals_the_sequential_steady_state(tmp_path):
+    from phases.evomerge.steady import SteadyState
+
+    cfg = CFG.model_copy(update={"max_generations": 3})
+    plain = SteadyState(cfg, n_models=3, seed=5, window=4)
+    best_plain, fit_plain = plain.run_sequential(synthetic_fitness)
+    evo = SteadyState(cfg, n_models=3, seed=5, window=4)
+    best, fit, searcher = run_search(slow_trainable, evo, storage_path=tmp_path, name="steady",
+                                     resources={"cpu": 0.5})
+    assert (best.key(), fit) == (best_plain.key(), fit_plain)
+    assert [r.best_key for r in evo.history] == [r.best_key for r in plain.history]
+    assert [g.key() for g in evo.children[: evo.applied]] == [g.key() for g in plain.children[: plain.applied]]

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -80,32 +81,37 @@ def test_status_json_reads_the_run(reference_run):
     assert status["phases"][0]["metrics"]["model/total_params"] > 0
 
 
-def test_sigkill_then_resume_gives_identical_hashes(reference_run, tmp_path):
+def test_sigkill_mid_search_then_resume_gives_identical_hashes(reference_run, tmp_path):
+    """SIGKILL the driver (and its embedded Ray) in the middle of EvoMerge's search, resume: the
+    search continues from its last completed generation, and every model and artifact of the
+    run equals the uninterrupted run's bit for bit. Phase 1 is taken from the reference run
+    (its own mid-phase resume is tested in tests/phases/test_cognate_train.py)."""
     run_dir, _ = reference_run
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*agentforge_cmd(), "run", "--preset", "tiny", "--out", str(killed), "--wandb", "disabled"],
+    shutil.copytree(run_dir, killed, ignore=shutil.ignore_patterns("02_evomerge", "wandb", "report.html"))
+    state = killed / "02_evomerge" / "work" / "evolution.json"
+    proc = subprocess.Popen([*agentforge_cmd(), "resume", str(killed), "--wandb", "disabled"],
                             cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
-    # Wait until a specialisation has written a checkpoint, i.e. genuinely mid-phase.
     deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if list((killed / "01_cognate" / "work").glob("*/ckpt*")) and list(
-                (killed / "01_cognate" / "work").glob("[!w]*/history.jsonl")):
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed; make the tiny preset longer"
+    while time.time() < deadline and proc.poll() is None and not state.exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed; make the tiny search longer"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded Ray with it
     proc.wait(timeout=30)
-    assert not (killed / "01_cognate" / "result.json").exists()
+    assert not (killed / "02_evomerge" / "result.json").exists()
+    saved = json.loads(state.read_text())["evolution"]
+    assert saved["generation"] >= 1 and saved["history"], "killed after a completed generation"
 
     resumed = _agentforge("resume", str(killed), "--wandb", "disabled", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert _model_hashes(killed) == {k: v for k, v in _model_hashes(run_dir).items()}, \
-        "resumed run must equal the uninterrupted one bit for bit"
+    assert re.search(r"phase 1 cognate: skipped, result and \d+ artifact\(s\) verified", resumed.stderr)
+    assert "evomerge: resuming after generation" in resumed.stderr
+    assert _model_hashes(killed) == _model_hashes(run_dir), "resumed run must equal the uninterrupted one bit for bit"
 
     again = _agentforge("resume", str(killed), "--wandb", "disabled", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert re.search(r"phase 1 cognate: skipped, result and \d+ artifact\(s\) verified", again.stderr)
+    assert re.search(r"phase 2 evomerge: skipped, result and \d+ artifact\(s\) verified", again.stderr)
 
 
 def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path):
@@ -137,8 +143,14 @@ def test_phase_command_runs_one_phase_and_refuses_unbuilt_ones(tmp_path):
     result = json.loads((tmp_path / "one" / "01_cognate" / "result.json").read_text())
     assert result["success"] and len(result["models"]) == 3
     models = [str(tmp_path / "one" / m["path"]) for m in result["models"]]
-    proc = _agentforge("phase", "evomerge", "--models", *models, "--out", "two", cwd=tmp_path)
-    assert proc.returncode == 1 and "evomerge" in proc.stderr and "not built yet" in proc.stderr
+    proc = _agentforge("phase", "evomerge", "--models", *models, "--out", "two", "--wandb", "disabled",
+                       "--set", "evomerge.population=4", "--set", "evomerge.max_generations=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "two" / "02_evomerge" / "result.json").read_text())
+    assert result["success"] and result["metrics"]["evomerge/generations"] == 1
+    proc = _agentforge("phase", "bitnet", "--models", str(tmp_path / "two" / result["model"]["path"]), "--out", "three",
+                       cwd=tmp_path)
+    assert proc.returncode == 1 and "bitnet" in proc.stderr and "not built yet" in proc.stderr
 
 
 def test_loaded_model_generates(reference_run):
