@@ -243,6 +243,9 @@ def run_evomerge(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
         "evomerge/final_diversity": evo.history[-1].diversity if evo.history else 0.0,
         "evomerge/trials": sum(r.evaluated for r in evo.history),
         "evomerge/failed_trials": len(failed),
+        # candidates that ran but scored no finite fitness (e.g. linear with all weights 0:
+        # mergekit's normalisation divides by zero), counted from the fitness cache
+        "evomerge/invalid_candidates": sum(1 for k, v in evo.cache.items() if v == float("-inf") and k not in failed),
         "evomerge/best_method": best.method,
         "evomerge/perplexity": final["objectives/perplexity"],
         "evomerge/accuracy": final["objectives/accuracy"],

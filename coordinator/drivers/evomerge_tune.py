@@ -46,7 +46,9 @@ class GenomeSearcher(Searcher):
         details: genome key -> the trial's other numeric results (objectives, fitness terms);
             filled as trials complete (pass a restored dict to keep earlier ones).
     Attributes:
-        failed: keys of genomes whose trials failed.
+        failed: keys of genomes whose trials failed (crashed after Tune's retries): -inf.
+        invalid: keys of genomes whose trial reported a non-finite fitness (a broken child,
+            e.g. NaN weights): -inf as well, but not a failure of the system.
     """
 
     def __init__(self, evolution: Evolution, on_generation: Callable[[GenerationRecord], None] | None = None,
@@ -61,6 +63,7 @@ class GenomeSearcher(Searcher):
         self._running: dict[str, Genome] = {}
         self._evaluated = 0
         self.failed: list[str] = []
+        self.invalid: list[str] = []
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles the searcher with the Tuner (tuner.pkl); the callback (which may hold
@@ -74,12 +77,13 @@ class GenomeSearcher(Searcher):
         from serialization.checkpoint import atomic_write_json
 
         atomic_write_json(checkpoint_path, {"evolution": self.evo.state_dict(), "details": self.details,
-                                            "failed": self.failed})
+                                            "failed": self.failed, "invalid": self.invalid})
 
     def restore(self, checkpoint_path: str) -> None:
         state = json.loads(Path(checkpoint_path).read_text())
         self.evo.load_state_dict(state["evolution"])
         self.details, self.failed = state["details"], list(state["failed"])
+        self.invalid = list(state.get("invalid", []))
         self._reset()
 
     def _reset(self) -> None:
@@ -91,13 +95,17 @@ class GenomeSearcher(Searcher):
         if genome is None:
             return None
         fitness = None if error or not result else result.get(self.metric)
-        if fitness is None or not math.isfinite(float(fitness)):
-            self.failed.append(genome.key())
+        if fitness is None:
+            self.failed.append(genome.key())  # the trial crashed (after Tune's retries)
+            fitness = float("-inf")
+        elif not math.isfinite(float(fitness)):
+            self.invalid.append(genome.key())  # it ran, but the child is broken (e.g. NaN weights)
             fitness = float("-inf")
         self.evo.cache[genome.key()] = float(fitness)
-        if result and not error:
+        if result and not error:  # finite numbers only: the details go into JSON checkpoints
             self.details[genome.key()] = {k: float(v) for k, v in result.items()
-                                          if k.startswith(("objectives/", "terms/")) and isinstance(v, (int, float))}
+                                          if k.startswith(("objectives/", "terms/")) and isinstance(v, (int, float))
+                                          and math.isfinite(float(v))}
         return genome
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
@@ -111,9 +119,16 @@ class GenomeSearcher(Searcher):
         self._running[trial_id] = genome
         return {"genome": genome.to_json(), "key": genome.key(), "generation": self.evo.generation}
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # A trial reports once; taking its fitness here, not at completion, breeds the next
+        # generation a controller step earlier, so the next trials are queued before Tune's
+        # actor cache sees an idle worker with nothing queued and stops it.
+        if self.metric in result:
+            self.on_trial_complete(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self._record(trial_id, result, error) is None:
-            return
+            return  # already taken from its result
         self._evaluated += 1
         if not self._queue and not self._running:
             self._close_generation()
@@ -143,6 +158,7 @@ class SteadySearcher(GenomeSearcher):
         self._on_generation = on_generation
         self.details = details if details is not None else {}
         self.failed: list[str] = []
+        self.invalid: list[str] = []
         self.evo.start()
         self._reset()
 

@@ -66,9 +66,9 @@ class SteadyState(Evolution):
         self.children.append(child)
 
     def _limit(self) -> int:
-        """How many children may exist now (child i needs max(P, i - window + 1) applied)."""
+        """How many children may exist now (child i >= P needs max(2, i - window + 1) applied)."""
         p = self.cfg.population
-        return p if self.applied < p else self.applied + self.window
+        return p if self.applied < 2 else max(p, self.applied + self.window)
 
     def _breed(self) -> None:
         while not self.done and len(self.children) < self._limit():

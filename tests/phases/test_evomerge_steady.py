@@ -53,7 +53,7 @@ def test_breeding_never_runs_more_than_window_ahead_and_the_best_stays_in_the_ar
     best_parent = max(fitness(g) for g in evo.children[:3])
     while not evo.done:
         todo = evo.runnable()
-        limit = CFG.population if evo.applied < CFG.population else evo.applied + 3
+        limit = CFG.population if evo.applied < 2 else max(CFG.population, evo.applied + 3)
         assert len(evo.children) <= limit
         g = todo[0][1]
         evo.cache[g.key()] = fitness(g)
