@@ -155,4 +155,10 @@ def trial(config: dict, setup: dict | None = None) -> None:
     ``tune.with_parameters(trial, setup=...)`` (stored once in the object store)."""
     from ray import tune
 
-    tune.report(evaluate_genome(config["genome"], setup if setup is not None else config["setup"]))
+    import time
+
+    t0 = time.perf_counter()
+    result = evaluate_genome(config["genome"], setup if setup is not None else config["setup"])
+    # wall seconds of the merge and evaluation inside the trial: reported, never a fitness input
+    result["time/eval_s"] = time.perf_counter() - t0
+    tune.report(result)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class GenomeSearcher(Searcher):
         self._evaluated = 0
         self.failed: list[str] = []
         self.invalid: list[str] = []
+        self.timings: list[tuple[float, str, float]] = []
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles the searcher with the Tuner (tuner.pkl); the callback (which may hold
@@ -102,6 +104,10 @@ class GenomeSearcher(Searcher):
             self.invalid.append(genome.key())  # it ran, but the child is broken (e.g. NaN weights)
             fitness = float("-inf")
         self.evo.cache[genome.key()] = float(fitness)
+        if result and isinstance(result.get("time/eval_s"), (int, float)):
+            # (when the driver saw it, genome key, the trial's own merge + eval seconds):
+            # timings for reports and benchmarks only, never for decisions
+            self.timings.append((time.perf_counter(), genome.key(), float(result["time/eval_s"])))
         if result and not error:  # finite numbers only: the details go into JSON checkpoints
             self.details[genome.key()] = {k: float(v) for k, v in result.items()
                                           if k.startswith(("objectives/", "terms/")) and isinstance(v, (int, float))
@@ -159,6 +165,7 @@ class SteadySearcher(GenomeSearcher):
         self.details = details if details is not None else {}
         self.failed: list[str] = []
         self.invalid: list[str] = []
+        self.timings: list[tuple[float, str, float]] = []
         self.evo.start()
         self._reset()
 

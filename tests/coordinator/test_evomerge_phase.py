@@ -97,6 +97,9 @@ def test_the_phase_writes_the_best_model_history_recipes_and_lineage(evomerge_ru
         assert all(isinstance(r[key], float) for r in rows), key
     assert rows[-1]["evomerge/best_fitness"] == m["evomerge/best_fitness"]
 
+    assert not [p for p in (phase / "work").rglob("*") if p.suffix in (".safetensors", ".bin", ".pt")], \
+        "only recipes are checkpointed, never children's weights"
+
     doc = yaml.safe_load((phase / "recipe.yaml").read_text())
     assert doc["merge_method"] == recipe["genome"]["method"] and doc["slices"]
     lineage = json.loads((phase / "lineage.json").read_text())

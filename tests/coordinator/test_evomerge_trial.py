@@ -1,22 +1,20 @@
 """EvoMerge trials on real models: a one-hot genome reproduces its parent's objectives exactly,
-and a Tune search over tiny Cognate parents ends at or above the best parent's fitness."""
+and a layout genome changes the child's depth and its speed and memory terms. (A whole Tune
+search over real merges runs in test_evomerge_phase.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from ray import tune
 
-from coordinator.drivers.evomerge_trial import evaluate_genome, trial
-from coordinator.drivers.evomerge_tune import run_search
+from coordinator.drivers.evomerge_trial import evaluate_genome
 from phases.cognate import CognateConfig
 from phases.cognate.modeling import CognateForCausalLM
 from phases.cognate.train import build_model_config, save_model_dir
 from phases.data import DataConfig, load_corpus
-from phases.evomerge.evolution import Evolution, EvolutionConfig, parent_genome
+from phases.evomerge.evolution import parent_genome
 from phases.evomerge.fitness import composite, measure, reference
 
-pytestmark = pytest.mark.usefixtures("ray_local")
 
 CFG = CognateConfig(target_params=None, vocab_size=None, d_model=32, n_layers=2, n_heads=2, d_ff=64,
                     memory_slots=16, memory_chunk=8, max_seq_len=64, batch_size=8)
@@ -55,17 +53,6 @@ def test_a_parent_genome_reproduces_the_parent(setup):
         assert got["fitness"] == pytest.approx(composite(objs[i], ref)[0], rel=1e-9)
 
 
-def test_a_tune_search_over_real_merges_ends_at_or_above_the_best_parent(setup, tmp_path):
-    cfg, objs, ref = setup
-    best_parent = max(composite(o, ref)[0] for o in objs)
-    evo = Evolution(EvolutionConfig(population=5, groups=2, max_generations=2, patience=2), n_models=3, seed=0)
-    best, fit, searcher = run_search(tune.with_parameters(trial, setup=cfg), evo, storage_path=tmp_path, name="evo",
-                                     resources={"cpu": 1})
-    assert not searcher.failed and len(evo.cache) >= 5
-    assert fit >= best_parent - 1e-12
-    assert evaluate_genome(best.to_json(), cfg)["fitness"] == pytest.approx(fit, rel=1e-9), "re-merging the best recipe reproduces it"
-
-
 def test_a_layout_genome_changes_depth_and_the_speed_and_memory_terms(setup):
     """DFS: a path that runs the merge's layer twice and one parent's layer once gives a model
     two plain layers deeper (the pondered block stays): more FLOPs and bytes, lower speed and
@@ -86,3 +73,16 @@ def test_a_layout_genome_changes_depth_and_the_speed_and_memory_terms(setup):
     assert got["objectives/weight_bytes"] > same["objectives/weight_bytes"]
     assert got["terms/memory"] < same["terms/memory"] and got["terms/speed"] < same["terms/speed"]
     assert evaluate_genome(genome.to_json(), cfg)["fitness"] == got["fitness"]
+
+
+def test_parents_load_once_per_worker_process(setup):
+    """A worker (a Tune trial actor reused across trials) reads the parents once, then merges
+    every later candidate from memory."""
+    from coordinator.drivers.evomerge_trial import _worker_state
+
+    cfg, _, _ = setup
+    _worker_state.cache_clear()
+    for i in range(3):
+        evaluate_genome(parent_genome(i, 3, 2).to_json(), cfg)
+    info = _worker_state.cache_info()
+    assert info.misses == 1 and info.hits >= 3

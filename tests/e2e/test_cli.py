@@ -144,7 +144,8 @@ def test_phase_command_runs_one_phase_and_refuses_unbuilt_ones(tmp_path):
     assert result["success"] and len(result["models"]) == 3
     models = [str(tmp_path / "one" / m["path"]) for m in result["models"]]
     proc = _agentforge("phase", "evomerge", "--models", *models, "--out", "two", "--wandb", "disabled",
-                       "--set", "evomerge.population=4", "--set", "evomerge.max_generations=1", cwd=tmp_path)
+                       "--set", "evomerge.population=4", "--set", "evomerge.max_generations=1",
+                       "--set", "evomerge.eval_batches=1", "--set", "evomerge.eval_tasks=8", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "two" / "02_evomerge" / "result.json").read_text())
     assert result["success"] and result["metrics"]["evomerge/generations"] == 1
