@@ -79,10 +79,23 @@ def _fingerprint(cfg: EvoMergeConfig, inputs: PhaseInputs, models: list[Path], s
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def _patience_left(history: list[GenerationRecord], upto: int, patience: int) -> int:
+    """Generations left before early stopping, after generation ``upto`` (best so far improving
+    resets it), as the reference's ``evomerge/convergence_patience``."""
+    best, stale = float("-inf"), 0
+    for rec in history[: upto + 1]:
+        if rec.best_fitness > best + 1e-12:
+            best, stale = rec.best_fitness, 0
+        else:
+            stale += 1
+    return patience - stale
+
+
 def _generation_row(rec: GenerationRecord, evo: Evolution, details: dict, failed: int) -> dict[str, Any]:
     best = details.get(rec.best_key, {})
     row: dict[str, Any] = {
         "evomerge/generation": rec.generation,
+        "evomerge/convergence_patience": _patience_left(evo.history, rec.generation, evo.cfg.patience),
         "evomerge/best_fitness": rec.best_fitness,
         "evomerge/avg_fitness": rec.mean_fitness,
         "evomerge/diversity": rec.diversity,

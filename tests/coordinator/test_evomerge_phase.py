@@ -92,6 +92,7 @@ def test_the_phase_writes_the_best_model_history_recipes_and_lineage(evomerge_ru
 
     rows = [json.loads(line) for line in (phase / "history.jsonl").read_text().splitlines()]
     assert [r["evomerge/generation"] for r in rows] == [0, 1]
+    assert [r["evomerge/convergence_patience"] for r in rows][0] == 5
     for key in ("evomerge/best_fitness", "evomerge/avg_fitness", "evomerge/diversity", "evomerge/perplexity",
                 "evomerge/accuracy"):
         assert all(isinstance(r[key], float) for r in rows), key
