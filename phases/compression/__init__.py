@@ -8,4 +8,8 @@ with ``.bits_per_weight`` (every stored bit counted), ``.nbytes`` and ``.decompr
   residual_centroids=0)``: VPTQ, Hessian-weighted k-means codebooks with GPTQ error feedback;
 - ``phases.compression.rtn.compress(weight, *, bits=8, group_size=None)``: round-to-nearest
   with per-group scales, the baseline and the int8 format.
+
+Also: ``pruning`` (magnitude, structured heads/neurons, first-order Taylor; the progressive
+20/40/60% schedule) and ``distill`` (response- and feature-based distillation losses, T = 4.0,
+alpha = 0.7).
 """

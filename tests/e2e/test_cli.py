@@ -135,20 +135,20 @@ def test_unknown_preset_lists_presets(tmp_path):
     assert proc.returncode == 2 and "tiny" in proc.stderr
 
 
-def test_phase_command_runs_one_phase_and_refuses_unbuilt_ones(tmp_path):
-    proc = _agentforge("phase", "cognate", "--preset", "tiny", "--out", "one", "--wandb", "disabled",
-                       "--set", "cognate.warmup_steps=20", "--set", "cognate.steps=10",
-                       "--set", "cognate.checkpoint_every=10", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "one" / "01_cognate" / "result.json").read_text())
-    assert result["success"] and len(result["models"]) == 3
-    models = [str(tmp_path / "one" / m["path"]) for m in result["models"]]
+def test_phase_command_runs_one_phase_and_refuses_unbuilt_ones(reference_run, tmp_path):
+    """`agentforge phase evomerge --models A B C`: merging any HF models on their own (here the
+    README run's three Cognate variants; no base model named, so the first is the base)."""
+    run_dir, _ = reference_run
+    result = json.loads((run_dir / "01_cognate" / "result.json").read_text())
+    models = [str(run_dir / m["path"]) for m in result["models"]]
     proc = _agentforge("phase", "evomerge", "--models", *models, "--out", "two", "--wandb", "disabled",
                        "--set", "evomerge.population=4", "--set", "evomerge.max_generations=1",
                        "--set", "evomerge.eval_batches=1", "--set", "evomerge.eval_tasks=8", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "two" / "02_evomerge" / "result.json").read_text())
     assert result["success"] and result["metrics"]["evomerge/generations"] == 1
+    recipe = json.loads((tmp_path / "two" / "02_evomerge" / "recipe.json").read_text())
+    assert len(recipe["models"]) == 3 and not any("(base)" in n for n in recipe["model_names"])
     proc = _agentforge("phase", "bitnet", "--models", str(tmp_path / "two" / result["model"]["path"]), "--out", "three",
                        cwd=tmp_path)
     assert proc.returncode == 1 and "bitnet" in proc.stderr and "not built yet" in proc.stderr
