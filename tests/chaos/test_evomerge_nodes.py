@@ -22,18 +22,18 @@ from tests.coordinator.test_evomerge_tune import synthetic_fitness
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("fresh_driver")]
 
 MiB = 1024 * 1024
-CFG = EvolutionConfig(population=6, groups=1, max_generations=3, patience=3)
+CFG = EvolutionConfig(population=6, groups=1, max_generations=2, patience=2)
 
 
 def slow_trial(config: dict, marks: str) -> None:
-    """Says which node it started on (a file in a folder every node shares), works 1 s, reports."""
+    """Says which node it started on (a file in a folder every node shares), works 0.8 s, reports."""
     import ray
 
     from phases.evomerge.genome import Genome
 
     node = ray.get_runtime_context().get_node_id()
     (Path(marks) / f"{config['key'][:12]}-{node}").touch()
-    time.sleep(1.0)
+    time.sleep(0.8)
     tune.report({"fitness": synthetic_fitness(Genome.from_json(config["genome"]))})
 
 
@@ -55,7 +55,7 @@ def test_a_node_lost_mid_generation_its_trials_run_elsewhere_and_the_search_comp
             started = sorted(marks.iterdir(), key=lambda p: p.stat().st_mtime)
             if started:
                 node_id = started[0].name.rsplit("-", 1)[1]
-                time.sleep(0.3)  # the trial is 0.3 s into its 1 s of work
+                time.sleep(0.3)  # the trial is 0.3 s into its 0.8 s of work
                 two_workers.remove_node(next(n for n in two_workers.worker_nodes if n.node_id == node_id))
                 victim.append(node_id)
                 return

