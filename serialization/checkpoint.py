@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 from coordinator.errors import ArtifactError
 
 __all__ = [
+    "publish_dir",
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -176,6 +178,30 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> str:
     except (TypeError, ValueError) as exc:
         raise ArtifactError(str(path), f"cannot write JSON: {exc}") from exc
     return atomic_write_text(path, text)
+
+
+def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Make the fully written directory ``tmp`` appear as ``out`` atomically: fsync every file
+    and ``tmp`` itself, move an existing ``out`` aside, rename ``tmp`` over it, drop the old one.
+    A crash leaves either the old ``out`` or the new one, never a half-written directory.
+
+    Returns:
+        ``out`` as a Path.
+    """
+    tmp, out = Path(tmp), Path(out)
+    for p in sorted(tmp.rglob("*")) + [tmp]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 # --- hashing ---------------------------------------------------------------------------------

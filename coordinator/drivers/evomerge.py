@@ -40,6 +40,7 @@ __all__ = ["run_evomerge", "recipe_yaml"]
 
 log = logging.getLogger("agentforge")
 STATE_FILE = "evolution.json"
+TASK_VECTOR = ("task_arithmetic", "ties", "dare_ties", "dare_linear")  # the base's own weight is unused
 
 
 def _parents(inputs: PhaseInputs, cfg: EvoMergeConfig) -> tuple[list[Path], int, int]:
@@ -296,8 +297,7 @@ def recipe_yaml(genome: Genome, models: list[Path], num_layers: int, *, fitness:
         for m, path in enumerate(models):
             src: dict[str, Any] = {"model": str(path), "layer_range": [layers[0], layers[-1] + 1]}
             per_model = {k: v[m] for k, v in params.items() if isinstance(v, list)}
-            if per_model and not (genome.method != "slerp" and m == genome.base
-                                  and genome.method in ("task_arithmetic", "ties", "dare_ties", "dare_linear")):
+            if per_model and not (m == genome.base and genome.method in TASK_VECTOR):
                 src["parameters"] = per_model
             sources.append(src)
         entry: dict[str, Any] = {"sources": sources}
@@ -306,7 +306,7 @@ def recipe_yaml(genome: Genome, models: list[Path], num_layers: int, *, fitness:
         slices.append(entry)
     rest = genome.parameters_for(groups)
     doc: dict[str, Any] = {"merge_method": genome.method, "dtype": "float32", "slices": slices}
-    if genome.method in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"):
+    if genome.method in (*TASK_VECTOR, "slerp"):
         doc["base_model"] = str(models[genome.base])
     doc["parameters"] = {k: [{"filter": "embed_tokens|norm|lm_head|act|memory", "value": v}] for k, v in rest.items()}
     doc["config_from"] = str(models[genome.config_from])  # not a mergekit key: the child's config source

@@ -111,27 +111,32 @@ def measure_parents(setup: dict) -> dict[str, Any]:
     return {"objectives": out, "layers": state["stack"]}
 
 
-def evaluate_genome(genome_json: dict, setup: dict) -> dict[str, Any]:
-    """Merge and measure one genome; returns the objectives, the fitness and its terms."""
+def _score(model: torch.nn.Module, setup: dict) -> dict[str, Any]:
     from phases.evomerge.fitness import Objectives, composite
 
-    obj = _measure(child_model(genome_json, setup), setup)
+    obj = _measure(model, setup)
     fitness, terms = composite(obj, Objectives(**setup["reference"]))
     return {"fitness": fitness, **{f"terms/{k}": v for k, v in terms.items()},
             **{f"objectives/{k}": v for k, v in obj.to_json().items()}}
 
 
+def evaluate_genome(genome_json: dict, setup: dict) -> dict[str, Any]:
+    """Merge and measure one genome; returns the objectives, the fitness and its terms."""
+    return _score(child_model(genome_json, setup), setup)
+
+
 def materialize(genome_json: dict, setup: dict, out_dir: str, tokenizer_from: str) -> dict[str, Any]:
     """Write the genome's child as an HF model dir (weights, config, and the tokenizer files of
     ``tokenizer_from``), atomically; returns its evaluation (as :func:`evaluate_genome`)."""
-    import os
     import shutil
     from pathlib import Path
 
-    result = evaluate_genome(genome_json, setup)
-    model = child_model(genome_json, setup)
+    from serialization.checkpoint import publish_dir
+
+    model = child_model(genome_json, setup)  # merged once: scored and saved
+    result = _score(model, setup)
     out = Path(out_dir)
-    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     written = {p.name for p in tmp.iterdir()}
@@ -139,14 +144,7 @@ def materialize(genome_json: dict, setup: dict, out_dir: str, tokenizer_from: st
         if f.is_file() and f.name not in written and not f.name.endswith((".safetensors", ".bin", ".json.index")) \
                 and (f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) or f.suffix == ".model"):
             shutil.copy2(f, tmp / f.name)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, out)
     return result
 
 

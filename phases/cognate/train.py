@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 
 from coordinator.errors import ArtifactError, ConfigError, PhaseError
 from phases.data import TASK_KINDS, Corpus, TaskMix, Tokenizer, evaluate_perplexity, task_accuracy
-from serialization.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors, sha256_file
+from serialization.checkpoint import atomic_write_json, load_tensors, publish_dir, read_json, save_tensors, sha256_file
 
 from .config import CognateConfig
 from .modeling import CognateForCausalLM, CognateModelConfig
@@ -118,15 +117,6 @@ def _training_context(device: torch.device):
             hf_logging.enable_progress_bar()
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")) + [path]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_model_dir(model: CognateForCausalLM, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
     """Write an HF model dir (config.json, generation_config.json, model.safetensors, tokenizer
     files) atomically: into a sibling temp dir, fsync, then rename over ``out_dir``.
@@ -136,17 +126,11 @@ def save_model_dir(model: CognateForCausalLM, tokenizer: Tokenizer, out_dir: str
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tokenizer.save(tmp, model_max_length=model.config.max_position_embeddings)
-    _fsync_tree(tmp)
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return publish_dir(tmp, out_dir)
 
 
 def _save_checkpoint(work_dir: Path, step: int, model, opt, records: list, fingerprint: str) -> None:

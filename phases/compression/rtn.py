@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
+from phases.compression.stored import StoredBits
+
 __all__ = ["RTNTensor", "compress"]
 
 
 @dataclass(frozen=True)
-class RTNTensor:
+class RTNTensor(StoredBits):
     shape: tuple[int, ...]
     bits: int
     group_size: int
@@ -36,13 +38,7 @@ class RTNTensor:
         """Codes (padding included), one float16 scale and one ``bits``-bit zero per group."""
         return self.codes.numel() * self.bits + self.scales.numel() * (16 + self.bits)
 
-    @property
-    def bits_per_weight(self) -> float:
-        return self.total_bits / self.numel
 
-    @property
-    def nbytes(self) -> int:
-        return (self.total_bits + 7) // 8
 
     def decompress(self) -> torch.Tensor:
         w = (self.codes.float() - self.zeros.float()[..., None]) * self.scales.float()[..., None]

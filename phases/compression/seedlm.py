@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from phases.compression.stored import StoredBits
+
 __all__ = ["SeedLMTensor", "compress", "from_bytes", "lfsr_states", "TAPS"]
 
 # Feedback taps (bit positions XORed into the new top bit of a right-shifting Fibonacci LFSR) of
@@ -78,7 +80,7 @@ def _quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class SeedLMTensor:
+class SeedLMTensor(StoredBits):
     """A SeedLM-compressed tensor: per block a seed, an exponent and ``latent`` mantissas."""
 
     shape: tuple[int, ...]
@@ -103,14 +105,7 @@ class SeedLMTensor:
         """Every stored bit (padding blocks included)."""
         return len(self.seeds) * self.bits_per_block
 
-    @property
-    def bits_per_weight(self) -> float:
-        return self.total_bits / self.numel
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the packed fields (:meth:`to_bytes`)."""
-        return (self.total_bits + 7) // 8
 
     def decompress(self) -> torch.Tensor:
         u, _ = _bases(self.block, self.latent, self.seed_bits)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from phases.compression.stored import StoredBits
+
 __all__ = ["VPTQTensor", "compress", "hessian_from_inputs", "kmeans"]
 
 
@@ -65,7 +67,7 @@ def kmeans(vectors: torch.Tensor, k: int, *, weights: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
-class VPTQTensor:
+class VPTQTensor(StoredBits):
     shape: tuple[int, int]
     vector_len: int
     codebook: torch.Tensor  # (k, v) float16
@@ -93,13 +95,7 @@ class VPTQTensor:
             bits += self.perm.numel() * max(1, math.ceil(math.log2(self.shape[1])))
         return bits
 
-    @property
-    def bits_per_weight(self) -> float:
-        return self.total_bits / self.numel
 
-    @property
-    def nbytes(self) -> int:
-        return (self.total_bits + 7) // 8
 
     def decompress(self) -> torch.Tensor:
         out, cols = self.shape
