@@ -21,22 +21,27 @@ from pathlib import Path
 from typing import Any
 
 from actors.base import AgentSpec, TeamSpec
+from coordinator.breakers import BreakerConfig
 from coordinator.chaos import ChaosConfig
 from coordinator.dag import TaskSpec
 from coordinator.recovery import EscalationError, RecoveryPolicy, Strategy
 from coordinator.team import Team, TeamConfig, TeamResult
 from serialization.checkpoint import atomic_write_json
 
-__all__ = ["DRILL_POLICY", "DRILL_ROLES", "DrillReport", "drill_graph", "drill_team", "run_drill"]
+__all__ = ["DRILL_BREAKER", "DRILL_POLICY", "DRILL_ROLES", "DrillReport", "drill_graph", "drill_team", "run_drill"]
 
 DRILL_ROLES = ("digest-1", "digest-2", "digest-3", "digest-4")
 
 # Retry first (cheap: the agent is usually back by then), restart when the process is gone. Kills
 # use up retries too: at a 30% fault rate per call (kill 0.2 + raise 0.1), 6 calls leave a
 # 1-in-70 chance that some task of 20 runs out of calls; 10 calls leave about 1 in 8,500.
+# Five failures in a row open an agent's breaker (about 1 run in 30 at that rate, more when one
+# kill fails several calls in flight); retry_when_open makes the task wait for the breaker's
+# trial call rather than escalate, and DRILL_BREAKER keeps that wait short.
 DRILL_POLICY = RecoveryPolicy(strategies=(Strategy.retry, Strategy.restart), retry_attempts=10,
                               retry_backoff_s=0.05, retry_max_backoff_s=1.0, retry_jitter_s=0.05,
-                              retry_total_s=60.0, restart_intensity=10)
+                              retry_total_s=60.0, restart_intensity=10, retry_when_open=True)
+DRILL_BREAKER = BreakerConfig(reset_timeout_s=2.0)
 
 
 def drill_graph(layers: int = 4, width: int = 5, *, work_s: float = 0.02, timeout_s: float = 30.0,
@@ -110,7 +115,7 @@ def _run(spec: TeamSpec, run_id: str, work_dir: Path, config: TeamConfig, chaos:
         with team:
             return team.run(), None, time.perf_counter() - t0
     except EscalationError as exc:
-        return None, str(exc), time.perf_counter() - t0
+        return team.last_result, str(exc), time.perf_counter() - t0
 
 
 def run_drill(chaos: ChaosConfig, work_dir: str | Path, *, run_id: str = "drill", layers: int = 4, width: int = 5,
@@ -123,12 +128,13 @@ def run_drill(chaos: ChaosConfig, work_dir: str | Path, *, run_id: str = "drill"
         work_dir: where checkpoints, health logs and the report go (reachable from every node).
         run_id: prefix of the actor names (``run_id-clean/drill/digest-1``, ...).
         layers, width, work_s: the graph's shape and each task's sleep.
-        config: supervision settings (default: heartbeats every 0.5 s).
+        config: supervision settings (default: heartbeats every 0.5 s, breakers that try again
+            after 2 s).
         node_killer: how a node is killed (default ``coordinator.chaos.kill_node``).
         spread: place agents with Ray's SPREAD strategy (so a node kill hits some of them).
     """
     work_dir = Path(work_dir)
-    config = config or TeamConfig(heartbeat_interval_s=0.5)
+    config = config or TeamConfig(heartbeat_interval_s=0.5, breaker=DRILL_BREAKER)
     spec = drill_team("drill", drill_graph(layers, width, work_s=work_s), spread=spread)
     clean, clean_err, wall_clean = _run(spec, f"{run_id}-clean", work_dir / "clean", config, None, None)
     if clean is None or not clean.succeeded:

@@ -4,7 +4,9 @@ A task's :class:`RecoveryPolicy` lists strategies in order; :func:`decide` walks
 the first that applies and still has budget (CONVENTIONS.md rule 6: only the coordinator acts):
 
 1. retry: same agent again after tenacity's exponential backoff with jitter, bounded by attempts
-   and total time; only for idempotent tasks or failures known to happen before execution.
+   and total time; only for idempotent tasks or failures known to happen before execution; not
+   while the agent's breaker is open, unless the policy's ``retry_when_open`` says to wait for
+   the breaker's trial call.
 2. fallback: the task's declared alternative role, once.
 3. restart: recreate the actor (it restores its checkpoint) and replay the task, within an
    Erlang/OTP restart intensity: more than ``intensity`` restarts in ``period`` seconds and
@@ -158,13 +160,17 @@ class RecoveryPolicy(FrozenConfig):
     retry_attempts: int = 3
     # First retry delay in seconds; it doubles per retry (tenacity's wait_exponential multiplier).
     retry_backoff_s: float = 0.05
-    # Cap on one retry delay, jitter included.
+    # Cap on one retry delay, jitter included (a wait for an open breaker is not capped).
     retry_max_backoff_s: float = 2.0
     # Uniform random extra delay in [0, retry_jitter_s], so retries of many tasks do not align.
     retry_jitter_s: float = 0.05
     # No retry is started once it would begin this many seconds after the first failure
     # (tenacity's stop_before_delay), so retrying is bounded in time as well as count.
     retry_total_s: float = 30.0
+    # With the agent's breaker open, retry waits for the breaker's one trial call (its reset
+    # timeout) instead of being skipped, within retry_attempts and retry_total_s. Off, an open
+    # breaker passes the task to the next strategy (isolate, escalate): the breaker's verdict stands.
+    retry_when_open: bool = False
     # Failure kinds that restart applies to: the process is gone or stuck. Add app_error to also
     # restart an agent whose handler raises (e.g. corrupted in-memory state).
     restart_on: tuple[FailureKind, ...] = (FailureKind.actor_died, FailureKind.actor_unavailable,
@@ -292,12 +298,14 @@ class TaskRecovery:
 
 
 def _retry(policy: RecoveryPolicy, f: Failure, rec: TaskRecovery, idempotent: bool, breaker_open: bool,
-           now: float, rng: random.Random) -> tuple[str | None, float]:
+           breaker_retry_in_s: float | None, now: float, rng: random.Random) -> tuple[str | None, float]:
     """(why retry does not apply, or None; the delay). The timing is tenacity's."""
     # A circuit_open failure with the breaker no longer open (half-open, its one trial busy) was
     # refused before execution, so a later retry is safe; with the breaker open it is not tried.
-    if breaker_open:
+    if breaker_open and not policy.retry_when_open:
         return "the agent's circuit breaker is open", 0.0
+    if breaker_open and breaker_retry_in_s is None:
+        return "the agent's circuit breaker is held open (isolated)", 0.0
     if f.kind not in policy.retry_on:
         return f"{f.kind.value} is not in retry_on", 0.0
     if not idempotent and f.executed is not False:
@@ -315,6 +323,8 @@ def _retry(policy: RecoveryPolicy, f: Failure, rec: TaskRecovery, idempotent: bo
     # the exponential part and our rng the jitter, clamped to the max as wait_exponential_jitter does.
     wait = tenacity.wait_exponential(multiplier=policy.retry_backoff_s, max=policy.retry_max_backoff_s)
     delay = min(wait(state) + rng.uniform(0.0, policy.retry_jitter_s), policy.retry_max_backoff_s)
+    if breaker_open:  # retry_when_open: the call waits for the trial the breaker lets through
+        delay = max(delay, breaker_retry_in_s + rng.uniform(0.0, policy.retry_jitter_s))
     state.upcoming_sleep = delay  # tenacity computes the wait before evaluating stop, as here
     if tenacity.stop_after_attempt(policy.retry_attempts)(state):
         return f"all {policy.retry_attempts} attempts used", 0.0
@@ -326,7 +336,7 @@ def _retry(policy: RecoveryPolicy, f: Failure, rec: TaskRecovery, idempotent: bo
 
 def decide(policy: RecoveryPolicy, failure: Failure, rec: TaskRecovery, *, idempotent: bool,
            fallback_role: str | None, breaker_open: bool, has_checkpoint: bool, now: float,
-           rng: random.Random, unhealthy: bool = False) -> Decision:
+           rng: random.Random, unhealthy: bool = False, breaker_retry_in_s: float | None = 0.0) -> Decision:
     """Choose how to recover from ``failure``: the first applicable strategy with budget left.
 
     Deterministic: it reads no clock and does no I/O. It books the decision in ``rec`` (its history
@@ -344,6 +354,8 @@ def decide(policy: RecoveryPolicy, failure: Failure, rec: TaskRecovery, *, idemp
         now: the coordinator's clock (monotonic seconds).
         rng: source of retry jitter, e.g. ``random.Random(seed)``.
         unhealthy: whether the health monitor declared the agent unhealthy (makes isolate apply).
+        breaker_retry_in_s: with the breaker open, seconds until it lets its trial call through;
+            None while it is held open (isolated). Read only by ``retry_when_open`` policies.
     Returns:
         The decision; escalate when nothing else applies.
     Raises:
@@ -359,7 +371,7 @@ def decide(policy: RecoveryPolicy, failure: Failure, rec: TaskRecovery, *, idemp
         n = rec.attempts(s) + 1
         why, delay, detail = None, 0.0, ""
         if s is Strategy.retry:
-            why, delay = _retry(policy, failure, rec, idempotent, breaker_open, now, rng)
+            why, delay = _retry(policy, failure, rec, idempotent, breaker_open, breaker_retry_in_s, now, rng)
             detail = f"call {n + 1}/{policy.retry_attempts} after {delay:.3f}s"
         elif s is Strategy.fallback:
             why = ("no fallback role declared" if fallback_role is None

@@ -156,6 +156,7 @@ class Team:
         self._node_of: dict[str, str] = {}  # role -> node id it last ran on
         self.breakers: dict[str, AgentBreaker] = {}
         self.monitor: HealthMonitor | None = None
+        self.last_result: TeamResult | None = None  # the last run's result, also when it escalated
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> "Team":
@@ -223,7 +224,8 @@ class Team:
         """Run the task graph to completion.
 
         Raises:
-            EscalationError: a task's policy escalated; the team is stopped first.
+            EscalationError: a task's policy escalated; the team is stopped first, and
+                ``last_result`` holds the states, decisions and faults up to that point.
         """
         if not self.agents:
             self.start()
@@ -287,11 +289,13 @@ class Team:
                 if time.monotonic() >= next_beat:
                     self.monitor.beat_once(timeout_s=min(0.2, self.cfg.heartbeat_interval_s))
                     next_beat = time.monotonic() + self.cfg.heartbeat_interval_s
-        except EscalationError:
-            self._write_report()
+        except EscalationError as err:
+            self._sched.fail(err.task, f"escalated: {err.reason}")
+            self.last_result = self._result()  # what happened up to the escalation, for reports
             self.stop()
             raise
-        return self._result()
+        self.last_result = self._result()
+        return self.last_result
 
     def _policy(self, task: str) -> RecoveryPolicy:
         return self.graph[task].policy or self.cfg.policy
@@ -383,7 +387,8 @@ class Team:
         d = decide(self._policy(task), failure, self._recs[task], idempotent=spec.idempotent,
                    fallback_role=spec.fallback_role if role == spec.role else None,
                    breaker_open=breaker.state == "open", has_checkpoint=self._last_good is not None,
-                   now=time.monotonic(), rng=self._rng, unhealthy=not self.monitor.is_healthy(role))
+                   now=time.monotonic(), rng=self._rng, unhealthy=not self.monitor.is_healthy(role),
+                   breaker_retry_in_s=breaker.seconds_until_trial())
         self._decisions.append({"task": task, "role": role, "kind": failure.kind.value,
                                 "action": d.action.value, "reason": d.reason})
         self.monitor.record_recovery(role, d.action.value, task=task, reason=d.reason)

@@ -42,6 +42,19 @@ class FailOnceRole(SumRole):
         return int(payload.get("value", 0)) + sum(int(v) for v in inputs.values())
 
 
+@register_role("t-fail-n")
+class FailNRole(SumRole):
+    """Fails the first ``payload['fails']`` runs of a task (a counter file in ``payload['dir']``), then works."""
+
+    def handle(self, task: str, payload: Any, inputs: dict[str, Any]) -> Any:
+        counter = Path(payload["dir"]) / f"{task}.runs"
+        runs = int(counter.read_text()) if counter.exists() else 0
+        counter.write_text(str(runs + 1))
+        if runs < int(payload["fails"]):
+            raise RuntimeError(f"run {runs + 1} of {task!r} fails")
+        return int(payload.get("value", 0))
+
+
 @register_role("t-counter")
 class CounterRole(SumRole):
     """Stateful: counts the tasks it ran; the count checkpoints and restores (rollback target)."""

@@ -114,6 +114,20 @@ def test_isolate_opens_the_breaker_and_keeps_independent_tasks_going(tmp_path):
     assert report, "a health report is written"
 
 
+def test_retry_when_open_waits_for_the_breakers_trial_and_the_task_completes(tmp_path):
+    """The breaker opens on the 3rd failure; the task waits for its trial call (0.3 s later),
+    the trial fails and re-opens it, the next trial succeeds and closes it."""
+    tasks = [TaskSpec(name="x", role="t-fail-n", payload={"dir": str(tmp_path), "fails": 4, "value": 9},
+                      policy=policy("retry", retry_attempts=10, retry_when_open=True))]
+    cfg = TeamConfig(heartbeat_interval_s=0.5, breaker=BreakerConfig(fail_max=3, reset_timeout_s=0.3))
+    result, _ = run_team(tmp_path, "wait-open", ["t-fail-n"], tasks, config=cfg)
+    assert result.outputs == {"x": 9} and result.dispatches == {"x": 5}
+    assert [d["action"] for d in result.decisions] == ["retry"] * 4
+    events = [json.loads(line) for line in (tmp_path / "wait-open" / "health" / "events.jsonl").read_text().splitlines()]
+    moves = [e["new"] for e in events if e.get("event") == "breaker"]
+    assert moves == ["open", "half-open", "open", "half-open", "closed"], moves
+
+
 def test_rollback_restores_the_checkpoint_and_replays_only_later_tasks(tmp_path):
     """(d) rollback: restore the last good checkpoint, replay only the tasks after it (counted)."""
     d = {"dir": str(tmp_path)}
@@ -139,6 +153,7 @@ def test_escalate_stops_the_team_with_a_structured_error(tmp_path):
         team.run()
     err = info.value
     assert (err.team, err.task, err.role, err.kind.value) == ("esc", "x", "t-broken", "app_error")
+    assert team.last_result.states == {"x": "failed"} and team.last_result.dispatches == {"x": 1}
     assert "\n" not in str(err)
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(handle.info.remote(), timeout=30)

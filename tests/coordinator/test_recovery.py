@@ -163,6 +163,25 @@ def test_retry_skipped_when_breaker_open_or_kind_not_listed_or_actor_gone_for_go
     assert d.action is S.escalate and "policy has no restart" in d.reason
 
 
+def test_retry_when_open_waits_for_the_breakers_trial_call_within_the_budget():
+    p = RecoveryPolicy(retry_when_open=True, retry_backoff_s=0.05, retry_jitter_s=0.0, retry_total_s=10.0)
+    d = run(p, fail(K.app_error), TaskRecovery(), breaker_open=True, breaker_retry_in_s=4.0)
+    assert d.action is S.retry and d.delay_s == pytest.approx(4.0)  # not capped at retry_max_backoff_s
+    d = run(p, fail(K.circuit_open, executed=False), TaskRecovery(), breaker_open=True, breaker_retry_in_s=0.01)
+    assert d.action is S.retry and d.delay_s == pytest.approx(0.05)  # never sooner than the backoff
+    # Held open (isolated): no trial will come, so retry does not apply.
+    d = run(p, fail(K.app_error), TaskRecovery(), breaker_open=True, breaker_retry_in_s=None)
+    assert d.action is S.escalate and "retry skipped: the agent's circuit breaker is held open" in d.reason
+    # The wait counts against retry_total_s like any backoff.
+    rec = TaskRecovery(first_failure_at=0.0)
+    d = run(p, fail(K.app_error), rec, now=7.0, breaker_open=True, breaker_retry_in_s=4.0)
+    assert d.action is S.escalate and "retry_total_s (10s) would be exceeded" in d.reason
+    # Off (the default): the breaker's verdict stands.
+    d = run(RecoveryPolicy(retry_jitter_s=0.0), fail(K.app_error), TaskRecovery(), breaker_open=True,
+            breaker_retry_in_s=4.0)
+    assert d.action is S.escalate and "retry skipped: the agent's circuit breaker is open" in d.reason
+
+
 # -- fallback ------------------------------------------------------------------------------
 
 def test_fallback_goes_to_the_declared_role_once():
