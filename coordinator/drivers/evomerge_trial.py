@@ -30,7 +30,7 @@ def _worker_state(setup_json: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    import phases.cognate  # noqa: F401 - registers the Cognate family with the Auto classes
+    import phases.cognate.modeling  # noqa: F401 - registers the Cognate family with the Auto classes
     from phases.data import DataConfig, load_corpus
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per parent per worker is noise
@@ -72,7 +72,7 @@ def child_model(genome_json: dict, setup: dict) -> torch.nn.Module:
     """The child of a genome, merged in memory and loaded into the skeleton of its
     ``config_from`` parent (the worker's; the next call overwrites it)."""
     from phases.evomerge.genome import Genome
-    from phases.evomerge.merge import merge
+    from phases.evomerge.merging import merge
 
     state = _worker_state(json.dumps(setup, sort_keys=True))
     genome = Genome.from_json(genome_json)

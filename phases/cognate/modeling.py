@@ -320,3 +320,10 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask
         return inputs
+
+
+# The Auto classes learn model_type "cognate" when this module loads (exist_ok: idempotent).
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402 - registration follows the classes
+
+AutoConfig.register("cognate", CognateModelConfig, exist_ok=True)
+AutoModelForCausalLM.register(CognateModelConfig, CognateForCausalLM, exist_ok=True)

@@ -10,9 +10,29 @@ mergekit's parameter names and semantics; :data:`METHODS` lists the methods.
 ``dfs_merge(models, path)`` a data-flow path through the layers of several models.
 """
 
-from phases.evomerge.genome import EVOLVABLE, Genome, crossover, diversity, layer_group, mutate, random_genome, tournament
-from phases.evomerge.layout import LAYOUTS, dfs_merge, frankenmerge, path_from_bits
-from phases.evomerge.merge import METHODS, MergeError, merge, merge_tensor
+import importlib
+from typing import Any
+
+# Names are loaded on first use (PEP 562): the CLI and the coordinator read EvoMergeConfig
+# (phases.evomerge.config) without importing torch.
+_HOME = {
+    **dict.fromkeys(("EVOLVABLE", "Genome", "crossover", "diversity", "layer_group", "mutate", "random_genome",
+                     "tournament"), "genome"),
+    **dict.fromkeys(("LAYOUTS", "dfs_merge", "frankenmerge", "path_from_bits"), "layout"),
+    **dict.fromkeys(("METHODS", "merge", "merge_tensor"), "merging"),
+    "MergeError": "errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'phases.evomerge' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = ["EVOLVABLE", "LAYOUTS", "METHODS", "Genome", "MergeError", "crossover", "dfs_merge", "diversity",
            "frankenmerge", "layer_group", "merge", "merge_tensor", "mutate", "path_from_bits", "random_genome",

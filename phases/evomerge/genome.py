@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from phases.evomerge.merge import MergeError
+from phases.evomerge.errors import MergeError
 
 __all__ = ["EVOLVABLE", "Genome", "crossover", "diversity", "layer_group", "mutate", "random_genome", "tournament"]
 

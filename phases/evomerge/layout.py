@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from phases.evomerge.merge import MergeError
+from phases.evomerge.errors import MergeError
 
 __all__ = ["LAYOUTS", "dfs_merge", "frankenmerge", "layer_indices", "layout_config", "path_from_bits"]
 

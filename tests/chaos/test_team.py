@@ -56,13 +56,14 @@ def graph20() -> list[TaskSpec]:
 
 @pytest.mark.slow
 def test_random_agent_kills_never_change_the_outputs(tmp_path):
-    """(a) 20-task graph, agents killed at random (10 seeds): every task completes, outputs equal."""
+    """(a) 20-task graph, agents killed at random (5 seeds): every task completes, outputs equal."""
     roles = ("t-w1", "t-w2", "t-w3", "t-w4")
     clean, _ = run_team(tmp_path, "clean", roles, graph20())
     assert clean.succeeded and len(clean.outputs) == 20
     killed_total = recovered_total = 0
-    for seed in range(10):
-        cfg = TeamConfig(heartbeat_interval_s=0.5, policy=policy("retry", "restart", retry_attempts=6))
+    for seed in range(5):
+        cfg = TeamConfig(heartbeat_interval_s=0.5, breaker=BreakerConfig(reset_timeout_s=2.0),
+                         policy=policy("retry", "restart", retry_attempts=6, retry_when_open=True))
         result, _ = run_team(tmp_path, f"chaos{seed}", roles, graph20(), config=cfg, run_id=f"c{seed}",
                              chaos=ChaosConfig(kill_rate=0.15, seed=seed))
         assert result.succeeded, (seed, result.states, result.causes)

@@ -142,7 +142,7 @@ def test_unknown_preset_lists_presets(tmp_path, capsys, monkeypatch):
     assert code == 2 and "tiny" in err
 
 
-def test_phase_command_runs_one_phase_and_refuses_unbuilt_ones(reference_run, tmp_path):
+def test_phase_command_runs_one_phase_and_refuses_unbuilt_ones(reference_run, tmp_path, capsys, monkeypatch):
     """`agentforge phase evomerge --models A B C`: merging any HF models on their own (here the
     README run's three Cognate variants; no base model named, so the first is the base)."""
     run_dir, _ = reference_run
@@ -156,9 +156,9 @@ def test_phase_command_runs_one_phase_and_refuses_unbuilt_ones(reference_run, tm
     assert result["success"] and result["metrics"]["evomerge/generations"] == 1
     recipe = json.loads((tmp_path / "two" / "02_evomerge" / "recipe.json").read_text())
     assert len(recipe["models"]) == 3 and not any("(base)" in n for n in recipe["model_names"])
-    proc = _agentforge("phase", "bitnet", "--models", str(tmp_path / "two" / result["model"]["path"]), "--out", "three",
-                       cwd=tmp_path)
-    assert proc.returncode == 1 and "bitnet" in proc.stderr and "not built yet" in proc.stderr
+    code, err = _main_in_process(["phase", "bitnet", "--models", str(tmp_path / "two" / result["model"]["path"]),
+                                  "--out", "three"], tmp_path, capsys, monkeypatch)
+    assert code == 1 and "bitnet" in err and "not built yet" in err
 
 
 def test_loaded_model_generates(reference_run):
@@ -166,7 +166,7 @@ def test_loaded_model_generates(reference_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import phases.cognate  # noqa: F401 - registers model_type "cognate" with the Auto classes
+    import phases.cognate.modeling  # noqa: F401 - registers model_type "cognate" with the Auto classes
 
     run_dir, _ = reference_run
     result = json.loads((run_dir / "01_cognate" / "result.json").read_text())

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from phases.evomerge.evolution import Evolution, EvolutionConfig, identity_layout, parent_genome
 from phases.evomerge.genome import crossover, mutate, random_genome
 from phases.evomerge.layout import dfs_merge, frankenmerge, layer_indices, layout_config, path_from_bits
-from phases.evomerge.merge import MergeError
+from phases.evomerge.errors import MergeError
 
 
 @pytest.fixture(scope="module")

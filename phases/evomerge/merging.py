@@ -35,14 +35,9 @@ from typing import Any
 
 import torch
 
-from coordinator.errors import ConfigError
+from phases.evomerge.errors import MergeError
 
 __all__ = ["METHODS", "MergeError", "merge", "merge_tensor"]
-
-
-class MergeError(ConfigError):
-    """Bad merge input: unknown method, wrong number of models, missing or invalid parameters,
-    or tensors that do not line up (the message names the tensor and the shapes)."""
 
 
 # method -> (global parameter defaults, per-model parameter defaults; None = required)
