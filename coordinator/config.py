@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 from coordinator.chaos import ChaosConfig
 from coordinator.errors import ConfigError
 from phases.cognate.config import CognateConfig
+from phases.compression.config import CompressConfig
 from phases.data.config import DataConfig, FrozenConfig, config_error
 from phases.evomerge.config import EvoMergeConfig
 
@@ -74,6 +75,7 @@ class PipelineConfig(FrozenConfig):
     data: DataConfig = DataConfig()
     cognate: CognateConfig = CognateConfig()
     evomerge: EvoMergeConfig = EvoMergeConfig()
+    compress: CompressConfig = CompressConfig()
 
     def section(self, phase: str) -> BaseModel | None:
         """The config section of ``phase``, or None when the phase has none."""

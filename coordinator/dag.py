@@ -47,6 +47,9 @@ class TaskSpec:
         idempotent: True if running it twice is harmless; a non-idempotent task is retried only
             when its failure is known to have happened before it executed.
         fallback_role: an alternative role that can run it (the fallback strategy).
+        fallback_payload: a simpler algorithm for the fallback strategy: the payload the task is
+            sent with instead (to ``fallback_role`` if declared, else to its own role), e.g.
+            ``{"method": "int8"}`` for a SeedLM task that is too slow.
         checkpoint: after it succeeds the team takes a "last good" checkpoint, the rollback target.
     """
 
@@ -58,6 +61,7 @@ class TaskSpec:
     policy: RecoveryPolicy | None = None
     idempotent: bool = True
     fallback_role: str | None = None
+    fallback_payload: Any = None
     checkpoint: bool = False
 
 

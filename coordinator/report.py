@@ -109,6 +109,39 @@ def _plots(history: Path) -> str:
     return "".join(f'<div class="plot">{s}</div>' for s in out)
 
 
+def _pareto_plot(path: Path) -> str:
+    """A phase's ``pareto.json`` (phase 8: ``front``, ``uniform`` and ``chosen`` points with
+    ``compression`` and ``retention``) as a scatter plot: the front, each codec alone, the choice."""
+    if not path.exists():
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(path.read_text())
+    x, y = data.get("x", "compression"), data.get("y", "retention")
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    front = sorted(data.get("front", []), key=lambda p: p[x])
+    ax.plot([p[x] for p in front], [p[y] for p in front], "o-", label="Pareto front", linewidth=1.2)
+    for name, p in sorted(data.get("uniform", {}).items()):
+        ax.scatter([p[x]], [p[y]], marker="s", s=28)
+        ax.annotate(name, (p[x], p[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if data.get("chosen"):
+        ax.scatter([data["chosen"][x]], [data["chosen"][y]], marker="*", s=140, color="red", label="chosen", zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{x} (x vs fp32)")
+    ax.set_ylabel(y)
+    ax.set_title("compression: Pareto front")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    svg = buf.getvalue()
+    return f'<div class="plot">{svg[svg.index("<svg"):]}</div>'
+
+
 def build_report(run: RunFolder, out: Path | None = None) -> Path:
     """Write ``RUN/report.html`` (or ``out``) and return its path."""
     status = collect_status(run)
@@ -130,6 +163,7 @@ def build_report(run: RunFolder, out: Path | None = None) -> Path:
         parts.append(_table([[k, v] for k, v in sorted(result.metrics.items())], ["metric", "value"]))
         parts.append("<h3>Lineage</h3>" + _lineage(result))
         parts.append(_plots(run.phase_dir(p["number"], p["phase"]) / "metrics.jsonl"))
+        parts.append(_pareto_plot(run.phase_dir(p["number"], p["phase"]) / "pareto.json"))
     if status["events"]:
         parts.append("<h2>Events</h2>")
         parts.append(_table([[e.get("at"), e.get("phase"), e.get("state"), e.get("reason") or e.get("error")]

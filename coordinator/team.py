@@ -31,7 +31,7 @@ from pydantic import Field
 from actors.base import TeamSpec, actor_name, make_request, read_reply, spawn_team, wait_ready
 from coordinator.breakers import AgentBreaker, BreakerConfig, BreakerEvent
 from coordinator.chaos import ChaosConfig, CoordinatorChaos
-from coordinator.dag import Scheduler, TaskGraph, TaskState
+from coordinator.dag import Scheduler, TaskGraph, TaskSpec, TaskState
 from coordinator.errors import AgentUnavailableError, CircuitOpenError
 from coordinator.recovery import (
     Decision,
@@ -247,6 +247,7 @@ class Team:
         self._queue: dict[str, deque[str]] = {role: deque() for role in self.spec.roles}
         self._busy: Counter[str] = Counter()  # role -> calls in flight
         self._isolated: dict[str, str] = {}
+        self._payload: dict[str, Any] = {}  # task -> the fallback payload it now runs with
         self._decisions: list[dict[str, Any]] = []
         self._last_good: tuple[str, frozenset[str]] | None = None  # (tag, tasks done at it)
         next_beat = time.monotonic()
@@ -326,7 +327,7 @@ class Team:
         self._dispatches[task] += 1
         self._first_dispatch.setdefault(task, time.monotonic() - self._t0)
         attempt = self._dispatches[task] - 1
-        msg = make_request(task, spec.payload, self._sched.inputs_of(task), attempt=attempt,
+        msg = make_request(task, self._payload.get(task, spec.payload), self._sched.inputs_of(task), attempt=attempt,
                            deadline=time.time() + spec.timeout_s)
         handle = self.agents[role]
         ref = handle.handle.remote(msg)
@@ -385,7 +386,7 @@ class Team:
     def _recover(self, task: str, role: str, failure: Failure) -> None:
         spec, breaker = self.graph[task], self.breakers[role]
         d = decide(self._policy(task), failure, self._recs[task], idempotent=spec.idempotent,
-                   fallback_role=spec.fallback_role if role == spec.role else None,
+                   fallback_role=self._fallback_target(spec, role),
                    breaker_open=breaker.state == "open", has_checkpoint=self._last_good is not None,
                    now=time.monotonic(), rng=self._rng, unhealthy=not self.monitor.is_healthy(role),
                    breaker_retry_in_s=breaker.seconds_until_trial())
@@ -396,6 +397,8 @@ class Team:
             heapq.heappush(self._delayed, _Delayed(time.monotonic() + d.delay_s, next(self._seq), task, role))
         elif d.action is Strategy.fallback:
             self._route[task] = d.target_role
+            if spec.fallback_payload is not None:
+                self._payload[task] = spec.fallback_payload
             self._dispatch(task, d.target_role)
         elif d.action is Strategy.restart:
             self._restart(role, failure)
@@ -406,6 +409,14 @@ class Team:
             self._rollback(task)
         else:
             raise EscalationError.from_decision(self.spec.name, failure, d, self._recs[task])
+
+    @staticmethod
+    def _fallback_target(spec: TaskSpec, role: str) -> str | None:
+        """Where fallback sends the task: its fallback role, else its own role when it declares a
+        simpler algorithm (``fallback_payload``); None once it runs on the fallback role."""
+        if role != spec.role:
+            return None
+        return spec.fallback_role or (spec.role if spec.fallback_payload is not None else None)
 
     def _restart(self, role: str, failure: Failure) -> None:
         """Ray's own restart: kill the process and let ``max_restarts`` bring it back; it restores

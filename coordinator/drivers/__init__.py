@@ -7,6 +7,7 @@ and the issue that builds it; they never produce output.
 
 from coordinator.drivers import cognate  # noqa: F401 - registers phase 1
 from coordinator.drivers import evomerge  # noqa: F401 - registers phase 2
+from coordinator.drivers import compress  # noqa: F401 - registers phase 8
 from coordinator.pipeline import register_unbuilt
 
 register_unbuilt("quietstar", number=3, title="Quiet-STaR: thought tokens", consumes="model", issue=6)
@@ -14,4 +15,3 @@ register_unbuilt("bitnet", number=4, title="BitNet b1.58: ternary QAT", consumes
 register_unbuilt("forge", number=5, title="Forge training: Grokfast and curriculum", consumes="model", issue=8)
 register_unbuilt("baking", number=6, title="Tool and persona baking", consumes="model", issue=9)
 register_unbuilt("adas", number=7, title="ADAS: deployment architecture search", consumes="model", issue=10)
-register_unbuilt("compress", number=8, title="Final compression", consumes="model", issue=5)

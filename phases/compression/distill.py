@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FeatureProjector", "feature_loss", "response_loss"]
+__all__ = ["FeatureProjector", "distill", "feature_loss", "response_loss"]
 
 
 def response_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None, *,
@@ -64,3 +64,63 @@ def feature_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequenc
             raise ValueError(f"pair {i}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}; pass a FeatureProjector")
         losses.append(F.mse_loss(s.float(), t.float().detach()))
     return torch.stack(losses).mean()
+
+
+def _final_hidden(model: nn.Module) -> list[torch.Tensor]:
+    """Registers a hook catching the final norm's output (the last hidden state) into a list."""
+    store: list[torch.Tensor] = []
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    if norm is None:
+        raise ValueError("feature distillation needs model.model.norm (the final hidden state)")
+    norm.register_forward_hook(lambda _m, _i, out: store.append(out))
+    return store
+
+
+def distill(teacher: nn.Module, student: nn.Module, corpus, *, steps: int, lr: float = 1e-3, batch_size: int = 8,
+            temperature: float = 4.0, alpha: float = 0.7, feature_weight: float = 0.0, seed: int = 0,
+            masks: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Train ``student`` in place to match ``teacher`` on the corpus' training batches.
+
+    Loss per step: :func:`response_loss` (soft KL at ``temperature`` weighted ``alpha``, hard
+    next-token cross-entropy ``1 - alpha``) plus ``feature_weight`` x MSE of the final hidden
+    states (:func:`feature_loss`; the widths must match). AdamW, fixed batches
+    ``corpus.batch(step, ...)`` under ``seed``, so the result is a function of the inputs.
+    ``masks`` (``name -> bool``, True = kept) are re-applied after every step: pruned weights stay
+    zero while the rest heal.
+
+    Returns:
+        ``{"distill/loss_initial", "distill/loss", "distill/steps"}`` (means over the first and
+        last tenth of the steps).
+    """
+    from phases.compression.pruning import apply_masks
+
+    if steps == 0:
+        return {"distill/steps": 0}
+    torch.manual_seed(seed)
+    teacher.eval()
+    student.train()
+    params = dict(student.named_parameters())
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    s_hidden = _final_hidden(student) if feature_weight else None
+    t_hidden = _final_hidden(teacher) if feature_weight else None
+    seq_len = corpus.config.seq_len
+    losses = []
+    for step in range(steps):
+        x = corpus.batch(step, batch_size, seq_len, seed)  # (B, T+1)
+        with torch.no_grad():
+            t_logits = teacher(input_ids=x[:, :-1]).logits
+        s_logits = student(input_ids=x[:, :-1]).logits
+        loss = response_loss(s_logits, t_logits, x[:, 1:], temperature=temperature, alpha=alpha)
+        if feature_weight:
+            loss = loss + feature_weight * feature_loss([s_hidden[-1]], [t_hidden[-1]])
+            s_hidden.clear()
+            t_hidden.clear()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if masks:
+            apply_masks(student, {n: m for n, m in masks.items() if n in params})
+        losses.append(float(loss))
+    student.eval()
+    k = max(1, steps // 10)
+    return {"distill/loss_initial": sum(losses[:k]) / k, "distill/loss": sum(losses[-k:]) / k, "distill/steps": steps}

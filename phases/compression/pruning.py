@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["apply_masks", "gradient_importance", "magnitude_masks", "progressive_schedule", "prunable",
-           "sparsity", "structured_masks", "taylor_masks"]
+__all__ = ["apply_masks", "gradient_importance", "layer_sparsities", "magnitude_masks", "progressive_schedule",
+           "prunable", "prune", "sparsity", "structured_masks", "taylor_masks"]
 
 Masks = dict[str, torch.Tensor]
 
@@ -181,3 +181,45 @@ def sparsity(model: nn.Module) -> float:
     weights = prunable(model)
     total = sum(w.numel() for w in weights.values())
     return sum(int((w == 0).sum()) for w in weights.values()) / max(1, total)
+
+
+def layer_sparsities(sensitivity: dict[str, float], target: float, spread: float) -> dict[str, float]:
+    """Per-weight sparsities averaging ``target`` (unweighted mean over the weights given), lower
+    for the more sensitive: rank r of n (0 = least sensitive) gets
+    ``target x (1 + spread x (1 - 2r/(n-1)))``, clamped to [0, 0.95]. ``spread`` 0: all equal."""
+    names = sorted(sensitivity, key=lambda n: (sensitivity[n], n))
+    n = len(names)
+    if n < 2 or spread == 0:
+        return {k: target for k in names}
+    return {k: min(0.95, max(0.0, target * (1 + spread * (1 - 2 * r / (n - 1))))) for r, k in enumerate(names)}
+
+
+def prune(model: nn.Module, *, method: str, sparsity: float, per_weight: dict[str, float] | None = None,
+          batches: Iterable[torch.Tensor] = (), n_heads: int | None = None) -> Masks:
+    """Prune ``model`` in place and return its masks.
+
+    Args:
+        method: ``magnitude`` | ``taylor`` (first-order Taylor on ``batches``) | ``structured``
+            (whole MLP neurons at ``sparsity``; per-weight sparsities do not apply to units).
+        sparsity: the target fraction of zeros.
+        per_weight: ``name -> sparsity`` (e.g. :func:`layer_sparsities`); other prunable weights
+            get ``sparsity``. Unstructured methods only.
+    Raises:
+        ValueError: an unknown method (the valid ones named) or a bad sparsity.
+    """
+    if method == "structured":
+        masks = structured_masks(model, sparsity, unit="neuron")
+    elif method in ("magnitude", "taylor"):
+        if method == "taylor":
+            scores = {n: s.float() for n, s in gradient_importance(model, list(batches)).items()}
+        else:
+            scores = {n: w.detach().abs() for n, w in prunable(model).items()}
+        masks = {}
+        for name, score in scores.items():
+            s = (per_weight or {}).get(name, sparsity)
+            _check(s)
+            masks[name] = _keep_top(score, s)
+    else:
+        raise ValueError(f"unknown pruning method {method!r}; valid: magnitude, taylor, structured")
+    apply_masks(model, masks)
+    return masks

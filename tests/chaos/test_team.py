@@ -89,6 +89,17 @@ def test_fallback_runs_the_task_on_the_declared_role(tmp_path):
     assert [d["action"] for d in result.decisions] == ["fallback"]
 
 
+def test_fallback_payload_runs_a_simpler_algorithm_on_the_same_role(tmp_path):
+    """A task that declares a simpler algorithm (``fallback_payload``) falls back to it, once."""
+    d = str(tmp_path)
+    tasks = [TaskSpec(name="x", role="t-fail-n", payload={"dir": d, "fails": 99, "value": 1},
+                      fallback_payload={"dir": d, "fails": 0, "value": 2}, policy=policy("fallback"))]
+    result, _ = run_team(tmp_path, "fallback-payload", ["t-fail-n"], tasks)
+    assert result.outputs == {"x": 2} and result.dispatches == {"x": 2}
+    (decision,) = result.decisions
+    assert decision["action"] == "fallback" and "to role 't-fail-n'" in decision["reason"]
+
+
 def test_restart_recreates_a_crashed_agent_and_replays(tmp_path):
     tasks = [TaskSpec(name="x", role="t-crash-once", payload={"dir": str(tmp_path), "value": 3}, policy=policy("restart"))]
     result, _ = run_team(tmp_path, "restart", ["t-crash-once"], tasks)

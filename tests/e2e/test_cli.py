@@ -72,6 +72,26 @@ def test_readme_main_command_writes_the_run_folder(reference_run):
     assert len(offline) == len(state["plan"]), "one offline W&B run per phase"
 
 
+def test_the_tiny_run_ends_in_a_compressed_model(reference_run):
+    """Phase 8 on the README run: the hybrid strategy with every codec; the model is the package
+    (loaded through its compressed form), the report plots the Pareto front, ONNX matches."""
+    from phases.compression.package import load_model
+
+    run_dir, _ = reference_run
+    result = json.loads((run_dir / "08_compress" / "result.json").read_text())
+    assert result["success"], result["error"]
+    m = result["metrics"]
+    model = load_model(run_dir / result["model"]["path"])
+    assert model.config.vocab_size == 258
+    assert m["compression/ratio_vs_fp32"] > 4 and m["compression/gate_passed"] is True
+    for codec in ("int8", "int4", "vptq", "seedlm"):
+        assert f"compression/{codec}/ratio_vs_fp32" in m and f"compression/{codec}/retention" in m, codec
+    assert m["compression/onnx_max_abs_diff"] < 1e-3
+    report = json.loads((run_dir / "08_compress" / "compression_report.json").read_text())
+    assert set(report["stages"]) == {"prune", "distill"} and report["stages"]["prune"]["sparsity"] > 0.5
+    assert "compression: Pareto front" in (run_dir / "report.html").read_text()
+
+
 def test_status_json_reads_the_run(reference_run):
     run_dir, _ = reference_run
     proc = _agentforge("status", str(run_dir), "--json", cwd=run_dir.parent)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from phases.compression import rtn, seedlm, vptq
+from phases.compression.seedlm import SeedLMTooSlow
 
 
 @pytest.mark.parametrize("bits", sorted(seedlm.TAPS))
@@ -61,6 +62,91 @@ def test_more_seeds_fit_better():
     w = torch.randn(32, 16, generator=torch.Generator().manual_seed(2))
     errs = [float((seedlm.compress(w, seed_bits=k).decompress() - w).norm() / w.norm()) for k in (8, 12, 16)]
     assert errs[0] > errs[1] > errs[2]
+
+
+def _dense_seedlm(weight: torch.Tensor, block: int, latent: int, seed_bits: int) -> list[tuple[int, int, list]]:
+    """The exhaustive search written plainly, the reference for the fast one: every block against
+    every seed's U(s), float64, the first (lowest) seed of the least error: (seed, e, q) per block."""
+    v = seedlm.lfsr_states(np.arange(1, 2**seed_bits, dtype=np.uint32), block * latent, seed_bits)
+    half = 2.0 ** (seed_bits - 1)
+    u = torch.from_numpy((v.astype(np.float64).reshape(-1, block, latent) - half) / (half - 1.0))
+    u_pinv = torch.linalg.pinv(u)
+    flat = weight.reshape(-1).double()
+    out = []
+    for w in torch.cat([flat, flat.new_zeros((-len(flat)) % block)]).reshape(-1, block):
+        t = u_pinv @ w  # (S, P)
+        e = torch.ceil(torch.log2(t.abs().amax(1).clamp_min(1e-30) / 7.5)).clamp(-8, 7)
+        q = torch.round(t / torch.exp2(e)[:, None]).clamp(-8, 7)
+        err = ((u @ (q * torch.exp2(e)[:, None])[:, :, None])[:, :, 0] - w).pow(2).sum(1)
+        best = int(err.argmin())
+        out.append((best + 1, int(e[best]), q[best].long().tolist()))
+    return out
+
+
+def _fields(c: seedlm.SeedLMTensor) -> list[tuple[int, int, list]]:
+    return [(int(s), int(e), q.long().tolist()) for s, e, q in zip(c.seeds, c.exponents, c.mantissas)]
+
+
+def test_seedlm_fast_search_picks_the_exhaustive_searchs_seeds():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(12, 40, generator=g)
+    w[1] *= 0.01
+    w[2] *= 0.002  # small blocks: quantisation error dominates
+    w[3] *= 30.0
+    w[4, :16] = 0.0  # two all-zero blocks: every seed ties, seed 1 wins
+    w = w.reshape(-1)[:-3]  # padding
+    for block, latent in [(8, 3), (4, 2)]:
+        got = seedlm.compress(w, block=block, latent=latent, seed_bits=10, chunk=16)
+        assert _fields(got) == _dense_seedlm(w, block, latent, 10), (block, latent)
+    assert _fields(seedlm.compress(w, seed_bits=10))[20:22] == [(1, -8, [0, 0, 0])] * 2  # row 4's first 16
+    w16 = torch.randn(4, 24, generator=g) * torch.tensor([1.0, 0.05, 0.01, 3.0])[:, None]
+    assert _fields(seedlm.compress(w16)) == _dense_seedlm(w16, 8, 3, 16)  # the paper's (C, P, K)
+
+
+def test_seedlm_small_blocks_take_the_tighter_bound_and_match(monkeypatch):
+    calls = []
+    bound = seedlm._lower_bound
+    monkeypatch.setattr(seedlm, "_lower_bound", lambda fit, *rest: calls.append(fit.shape[1]) or bound(fit, *rest))
+    scales = torch.tensor([1.0, 0.02, 0.005, 0.002, 0.002, 0.001, 0.003, 0.01])
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0)) * scales[:, None]
+    got = seedlm.compress(w, seed_bits=14)
+    assert sum(calls) >= 2  # blocks whose least-squares bound was too loose were bounded again
+    assert _fields(got) == _dense_seedlm(w, 8, 3, 14)
+
+
+def test_seedlm_search_is_deterministic_across_chunks_and_threads():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4)) * 0.01
+    first = _fields(seedlm.compress(w))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _fields(seedlm.compress(w, chunk=5)) == first
+    finally:
+        torch.set_num_threads(threads)
+    assert _fields(seedlm.compress(w, chunk=1000)) == first
+
+
+def test_seedlm_max_seconds_gives_up_after_the_first_chunk(monkeypatch):
+    import pickle
+
+    from coordinator.errors import AgentForgeError
+
+    chunks = []
+    search = seedlm._search
+    monkeypatch.setattr(seedlm, "_search", lambda w, *rest: chunks.append(len(w)) or search(w, *rest))
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(SeedLMTooSlow) as info:
+        seedlm.compress(w, seed_bits=12, chunk=16, max_seconds=1e-9)
+    assert chunks == [16]  # one chunk of 16 blocks out of 16: it gave up before the rest
+    err = info.value
+    assert isinstance(err, AgentForgeError) and isinstance(err, TimeoutError)
+    assert err.shape == (32, 64) and err.allowed_s == 1e-9 and err.projected_s > 1e-9
+    assert "(32, 64)" in str(err) and "allowed" in str(err)
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is SeedLMTooSlow and str(back) == str(err) and back.projected_s == err.projected_s
+    chunks.clear()
+    ok = seedlm.compress(w, seed_bits=12, chunk=16, max_seconds=1e6)
+    assert len(chunks) == 16 and _fields(ok) == _fields(seedlm.compress(w, seed_bits=12))
 
 
 def test_rtn_counts_scales_and_is_near_lossless_at_8_bits(gaussian):
