@@ -90,6 +90,13 @@ def run_compress(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
               "data": ctx.config.data.model_dump(mode="json"),
               "eval": {"batch_size": cfg.eval_batch_size, "batches": cfg.eval_batches, "tasks": cfg.eval_tasks}}
     spec = compression_team(cfg, common)
+    import ray
+
+    need, have = sum(a.num_cpus for a in spec.agents), float(ray.cluster_resources().get("CPU", 0.0))
+    if need > have + 1e-9:
+        raise PhaseError("compress", f"the team's {len(spec.agents)} agents reserve {need:g} CPUs "
+                                     f"(compress.agent_cpus={cfg.agent_cpus:g} each), the Ray cluster has {have:g}; "
+                                     f"lower compress.agent_cpus")
     ctx.progress("tasks", 0, len(spec.tasks))
     result = run_team(ctx, spec)
     out = result.outputs

@@ -97,9 +97,9 @@ class CompressConfig(FrozenConfig):
     onnx: bool = True  # export the compressed model to ONNX and check onnxruntime parity
 
     # -- the team --------------------------------------------------------------------------------
-    # Each of the nine agents reserves this much (0.2: the team fits on a 2-core laptop; mostly one
-    # agent works at a time, as the graph is a chain with a fan-out of codecs on one agent).
-    agent_cpus: float = Field(0.2, gt=0)
+    # Each of the nine agents reserves this much (0.1: the team fits on one CPU; mostly one agent
+    # works at a time, as the graph is a chain with a fan-out of codecs on one agent).
+    agent_cpus: float = Field(0.1, gt=0)
     task_timeout_s: float = Field(1800.0, gt=0)
 
     @model_validator(mode="after")

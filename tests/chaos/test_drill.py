@@ -9,8 +9,10 @@ import json
 import pytest
 import ray
 
+from coordinator.breakers import BreakerConfig
 from coordinator.chaos import ChaosConfig, ChaosError, kill_node
 from coordinator.drill import drill_graph, run_drill
+from coordinator.team import TeamConfig
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -48,7 +50,11 @@ def test_agent_kills_are_recovered_and_outputs_equal(tmp_path):
 
 
 def test_a_fault_rate_no_policy_survives_fails_the_verdict(tmp_path):
-    report = run_drill(ChaosConfig(seed=1, raise_rate=1.0), tmp_path, run_id="d2", layers=2, width=2, work_s=0.0)
+    # Breakers that let a trial through after 0.2 s: the drill's policy waits for each one
+    # (retry_when_open) until its 10 calls are spent.
+    config = TeamConfig(heartbeat_interval_s=0.5, breaker=BreakerConfig(reset_timeout_s=0.2))
+    report = run_drill(ChaosConfig(seed=1, raise_rate=1.0), tmp_path, run_id="d2", layers=2, width=2, work_s=0.0,
+                       config=config)
     assert not report.passed
     assert report.error and "escalated" in report.error
     assert "FAILED" in report.summary()

@@ -255,7 +255,9 @@ def test_agentforge_submit_runs_the_tiny_pipeline_on_a_token_cluster(token_head,
          "--json", "--", "run", "--preset", "tiny", "--out", str(out), "--wandb", "disabled",
          # the whole plan, shortened: this tests the job path, not the training
          "--set", "cognate.warmup_steps=20", "--set", "cognate.steps=10", "--set", "cognate.checkpoint_every=10",
-         "--set", "evomerge.population=4", "--set", "evomerge.max_generations=1"],
+         "--set", "evomerge.population=4", "--set", "evomerge.max_generations=1",
+         "--set", "compress.strategy=quantization", "--set", "compress.codecs=[int8]",
+         "--set", "compress.search_trials=0", "--set", "compress.onnx=false"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -33,12 +33,12 @@ COMPRESS = {"strategy": "quantization", "codecs": ["int8", "int4", "seedlm"], "s
 
 
 def _trained(inputs, ctx):
-    """A stand-in upstream phase: a small Cognate model trained 60 steps on the corpus."""
+    """A stand-in upstream phase: a small Cognate model trained 30 steps on the corpus."""
     corpus = load_corpus(DATA, seed=0)
     torch.manual_seed(0)
     model = CognateForCausalLM(build_model_config(CFG, corpus.tokenizer))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(60):
+    for step in range(30):
         x = corpus.batch(step, 8, 32, 0)
         loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
         opt.zero_grad()
