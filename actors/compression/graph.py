@@ -33,9 +33,8 @@ AGENTS = ("model-analyzer", "compression-orchestrator", "pruning-agent", "knowle
 _LOST = (FailureKind.actor_died, FailureKind.actor_unavailable, FailureKind.timeout, FailureKind.node_died)
 TASK_POLICY = RecoveryPolicy(strategies=(Strategy.retry, Strategy.restart), retry_on=_LOST, retry_attempts=6,
                              retry_backoff_s=0.1, retry_max_backoff_s=2.0, retry_total_s=600.0, restart_intensity=10)
-SEEDLM_POLICY = RecoveryPolicy(strategies=(Strategy.retry, Strategy.restart, Strategy.fallback), retry_on=_LOST,
-                               retry_attempts=6, retry_backoff_s=0.1, retry_max_backoff_s=2.0, retry_total_s=600.0,
-                               restart_intensity=10)
+SEEDLM_POLICY = TASK_POLICY.model_copy(update={"strategies": (Strategy.retry, Strategy.restart, Strategy.fallback,
+                                                               Strategy.escalate)})
 
 
 def compression_graph(cfg: CompressConfig, common: dict[str, Any]) -> tuple[TaskSpec, ...]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TOKENIZER_FILES", "corpus_for", "load_hf", "quality_of", "save_hf", "set_threads", "state_of_package"]
+__all__ = ["TOKENIZER_FILES", "corpus_for", "load_hf", "quality_of", "save_hf", "set_threads"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -73,10 +73,3 @@ def quality_of(model: torch.nn.Module, payload: dict[str, Any], *, tasks: bool =
     chosen = list(corpus.heldout_tasks[: int(ev["tasks"])]) if tasks and int(ev["tasks"]) else None
     return measure_quality(model, corpus, batch_size=int(ev["batch_size"]), max_batches=int(ev["batches"]),
                            tasks=chosen)
-
-
-def state_of_package(path: str | Path) -> dict[str, torch.Tensor]:
-    """A compressed package's decompressed state dict."""
-    from phases.compression.package import load_state_dict
-
-    return load_state_dict(path)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.compression.io import corpus_for, load_hf, quality_of, save_hf, set_threads, state_of_package
+from actors.compression.io import corpus_for, load_hf, quality_of, save_hf, set_threads
 from actors.roles import StatelessRole
 from serialization.checkpoint import atomic_write_json
 
@@ -67,14 +67,9 @@ def _task_dir(payload: dict[str, Any], task: str) -> Path:
     return d
 
 
-def _masks_of(inputs: dict[str, Any]) -> dict[str, Any] | None:
-    """The pruning masks an input task wrote (None when none did)."""
-    from safetensors.torch import load_file
-
-    for out in inputs.values():
-        if isinstance(out, dict) and out.get("masks"):
-            return {k: v.bool() for k, v in load_file(out["masks"]).items()}
-    return None
+def _masks_path(inputs: dict[str, Any]) -> str | None:
+    """The pruning masks file an input task wrote (None when none did)."""
+    return next((o["masks"] for o in inputs.values() if isinstance(o, dict) and o.get("masks")), None)
 
 
 class ModelAnalyzer(_CompressionRole):
@@ -144,9 +139,9 @@ def _relative(obj: Any, root: Path) -> Any:
 class PruningAgent(_CompressionRole):
     def handle(self, task: str, payload: Any, inputs: dict[str, Any]) -> Any:
         import torch
-        from safetensors.torch import save_file
 
         from phases.compression import pruning
+        from serialization.checkpoint import save_tensors
         from phases.compression.student import narrow_ffn
 
         set_threads()
@@ -167,7 +162,7 @@ class PruningAgent(_CompressionRole):
             per_weight = {n: min(0.95, s * scale) for n, s in per_weight.items()}
         masks = pruning.prune(model, method=cfg["pruning_method"], sparsity=target, per_weight=per_weight,
                               batches=batches)
-        save_file({n: m.to(torch.uint8).contiguous() for n, m in sorted(masks.items())}, str(out / "masks.safetensors"))
+        save_tensors(out / "masks.safetensors", {n: m.to(torch.uint8) for n, m in masks.items()})
         save_hf(model, out / "model", payload["input"])
         return {"model": str(out / "model"), "masks": str(out / "masks.safetensors"),
                 "sparsity": pruning.sparsity(model), "target": target}
@@ -176,24 +171,22 @@ class PruningAgent(_CompressionRole):
 class KnowledgeDistiller(_CompressionRole):
     def handle(self, task: str, payload: Any, inputs: dict[str, Any]) -> Any:
         from phases.compression.distill import distill
+        from serialization.checkpoint import load_tensors
 
         set_threads()
         cfg = payload["cfg"]
         teacher = load_hf(payload["input"])
         student = load_hf(_model_dir(payload, inputs))
-        masks = _masks_of(inputs)
+        masks_file = _masks_path(inputs)
+        masks = {k: v.bool() for k, v in load_tensors(masks_file).items()} if masks_file else None
         metrics = distill(teacher, student, corpus_for(payload), steps=int(cfg["distill_steps"]),
                           lr=float(cfg["distill_lr"]), batch_size=int(cfg["distill_batch_size"]),
                           temperature=float(cfg["temperature"]), alpha=float(cfg["alpha"]),
                           feature_weight=float(cfg["feature_weight"]), seed=int(payload["seed"]), masks=masks)
         out = _task_dir(payload, task)
         save_hf(student, out / "model", payload["input"])
-        if masks:  # pass the masks on: later stages keep the pruned weights at zero
-            import shutil
-
-            src = next(o["masks"] for o in inputs.values() if isinstance(o, dict) and o.get("masks"))
-            shutil.copy2(src, out / "masks.safetensors")
-        return {"model": str(out / "model"), "masks": str(out / "masks.safetensors") if masks else None, **metrics}
+        # The masks pass on from the pruning task: later stages keep the pruned weights at zero.
+        return {"model": str(out / "model"), "masks": masks_file, **metrics}
 
 
 def codec_settings(cfg: dict[str, Any], codec: str) -> dict[str, Any]:
@@ -242,7 +235,7 @@ class QuantizationAgent(_CompressionRole):
                     s["max_seconds"] = max(1e-3, float(cfg["seedlm_max_seconds"]) - (time.perf_counter() - t0))
                 stored[name] = encode(w, codec, s, sparse=True)
             else:
-                stored[name] = encode(w, "fp16" if w.is_floating_point() else "fp32", {})
+                stored[name] = encode(w, "fp16")  # norms, biases, gates: too small to pay for a codec
         seconds = time.perf_counter() - t0
         out = _task_dir(payload, task) / "package"
         manifest = save_compressed(out, stored, hf_config=_hf_config(model), copy_files_from=Path(src),
@@ -263,14 +256,20 @@ def _packages(inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return packages
 
 
-def _assemble(recipe: dict[str, str], packages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _states(packages: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``codec -> decompressed state dict`` of each codec's package."""
+    from phases.compression.package import load_state_dict
+
+    return {c: load_state_dict(p["package"]) for c, p in packages.items()}
+
+
+def _assemble(recipe: dict[str, str], states: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The state dict of a recipe (codec per matrix): each matrix from that codec's package, the
     rest from any package (they agree: float16)."""
-    states = {c: state_of_package(p["package"]) for c, p in packages.items()}
-    base = dict(next(iter(states.values())))
+    state = dict(next(iter(states.values())))
     for name, codec in recipe.items():
-        base[name] = states[codec][name]
-    return base
+        state[name] = states[codec][name]
+    return state
 
 
 def _recipe_bits(recipe: dict[str, str], packages: dict[str, dict[str, Any]]) -> int:
@@ -298,13 +297,10 @@ class ArchitectureOptimizer(_CompressionRole):
         ref_quality = quality_of(reference, payload)
         fp32_bits = 32 * sum(p.numel() for p in reference.state_dict().values())
         skeleton = load_hf(next(iter(packages.values()))["source"])
-        states = {c: state_of_package(p["package"]) for c, p in packages.items()}
+        states = _states(packages)
 
         def evaluate(recipe: dict[str, str]) -> dict[str, Any]:
-            state = dict(next(iter(states.values())))
-            for n, c in recipe.items():
-                state[n] = states[c][n]
-            skeleton.load_state_dict(state)
+            skeleton.load_state_dict(_assemble(recipe, states))
             q = quality_of(skeleton, payload)
             bits = _recipe_bits(recipe, packages)
             return {"retention": q.token_accuracy / ref_quality.token_accuracy, "compression": fp32_bits / bits,
@@ -339,7 +335,7 @@ class CompressionValidator(_CompressionRole):
         packages = _packages(inputs)
         reference = load_hf(payload["input"])
         candidate = load_hf(next(iter(packages.values()))["source"])
-        candidate.load_state_dict(_assemble(search["chosen"]["recipe"], packages))
+        candidate.load_state_dict(_assemble(search["chosen"]["recipe"], _states(packages)))
         ref_q, cand_q = quality_of(reference, payload, tasks=True), quality_of(candidate, payload, tasks=True)
         ret = retention(cand_q, ref_q)
         windows = corpus_for(payload).windows("heldout", max_windows=int(payload["eval"]["batch_size"]))[:, :-1]
@@ -376,7 +372,7 @@ class DeploymentPackager(_CompressionRole):
                                    manifest={"recipe": recipe, "strategy": payload["cfg"]["strategy"]})
         model = load_model(out)
         windows = corpus_for(payload).windows("heldout", max_windows=4)[:, :-1]
-        skeleton.load_state_dict(_assemble(recipe, packages))
+        skeleton.load_state_dict(_assemble(recipe, _states(packages)))
         with torch.no_grad():
             same = bool(torch.equal(model(input_ids=windows).logits, skeleton(input_ids=windows).logits))
         result: dict[str, Any] = {"model": str(out), "bytes_on_disk": manifest["bytes_on_disk"],

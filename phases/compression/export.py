@@ -246,13 +246,13 @@ def quantize_onnx_int8(onnx_path: str | Path, out_path: str | Path) -> Path:
 
 
 def tensorrt_status() -> str:
-    """"skipped: tensorrt not installed", or "available" when the package imports (building an
-    engine needs a GPU and is not done here)."""
+    """"skipped: tensorrt not installed", or, where the package imports, "not built: ..." (no
+    engine is built yet: that needs a GPU this project's CI does not have; never reported as done)."""
     try:
         importlib.import_module("tensorrt")
     except ImportError:
         return "skipped: tensorrt not installed"
-    return "available"
+    return "not built: tensorrt is installed, but building an engine is not implemented yet"
 
 
 def mobile_status(target: str) -> str:

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from coordinator.errors import ArtifactError, ConfigError
-from phases.cognate.modeling import CognateForCausalLM, CognateModelConfig
+from phases.cognate.modeling import CognateForCausalLM
 from phases.compression import codecs, package
 from phases.compression.rtn import RTNTensor
 from phases.compression.sparse import SparseTensor
 from phases.compression.vptq import VPTQTensor
 from phases.data import byte_tokenizer
+from tests.phases.tiny_cognate import tiny_cognate
 
 SEEDLM = {"block": 8, "latent": 3, "seed_bits": 8}  # 2^8 seeds: fast; the codec is the same
 
@@ -29,14 +30,6 @@ def _randn(*shape, seed=0):
 def _pruned(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     cut = w.abs().flatten().kthvalue(int(sparsity * w.numel())).values
     return torch.where(w.abs() > cut, w, torch.zeros_like(w))
-
-
-def _tiny_cognate(seed=0, **kw) -> CognateForCausalLM:
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-               memory_slots=16, memory_chunk_size=8)
-    cfg.update(kw)
-    return CognateForCausalLM(CognateModelConfig(**cfg)).eval()
 
 
 # ---------------------------------------------------------------- codecs and exact round trips
@@ -180,7 +173,7 @@ def _plan(name: str, w: torch.Tensor) -> tuple[str, dict, bool]:
 
 @pytest.fixture(scope="module")
 def cognate_package(tmp_path_factory):
-    model = _tiny_cognate(seed=1, memory_enabled=True)
+    model = tiny_cognate(seed=1, memory_enabled=True)
     with torch.no_grad():
         model.model.memory.o_proj.weight.normal_(0, 0.05)  # let the memory contribute
         for layer in (*model.model.layers, model.model.act.block):
@@ -204,7 +197,7 @@ def test_a_cognate_model_with_mixed_codecs_loads_with_the_decompressed_weights(c
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(info["copied_files"]) <= set(info["files"])
     loaded = package.load_model(out)
     assert isinstance(loaded, CognateForCausalLM) and not loaded.training
-    reference = _tiny_cognate(seed=7, memory_enabled=True)  # other random init, then the weights
+    reference = tiny_cognate(seed=7, memory_enabled=True)  # other random init, then the weights
     reference.load_state_dict({k: s.decompress() for k, s in stored.items()}, strict=True)
     x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -218,7 +211,7 @@ def test_a_cognate_model_with_mixed_codecs_loads_with_the_decompressed_weights(c
 
 
 def test_tied_embeddings_are_stored_once_and_filled_on_load(tmp_path):
-    model = _tiny_cognate(tie_word_embeddings=True)
+    model = tiny_cognate(tie_word_embeddings=True)
     sd = model.state_dict()
     emb = codecs.encode(sd["model.embed_tokens.weight"], "int8")
     stored = {k: emb if k == "lm_head.weight" else codecs.encode(v, "fp16") for k, v in sd.items()}
@@ -236,7 +229,7 @@ def test_tied_embeddings_are_stored_once_and_filled_on_load(tmp_path):
 
 @pytest.fixture
 def small_package(tmp_path):
-    model = _tiny_cognate()
+    model = tiny_cognate()
     stored = {k: codecs.encode(v, "int8" if v.dim() == 2 else "fp32") for k, v in model.state_dict().items()}
     out = tmp_path / "pkg"
     package.save_compressed(out, stored, hf_config=model.config.to_dict())
