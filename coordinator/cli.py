@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("resume", help="continue a run from its first phase that does not verify")
     sp.add_argument("run_dir", type=Path)
+    sp.add_argument("--until", metavar="PHASE",
+                    help="stop after this phase (name or number); a later `agentforge resume RUN` runs the rest")
     sp.add_argument("--address")
     sp.add_argument("--wandb", choices=["online", "offline", "disabled"])
     sp.add_argument("--json", action="store_true")
@@ -143,8 +145,25 @@ def _config(args: argparse.Namespace, phases: list[str] | None) -> Any:
     return parse_config(raw, source=args.config or f"preset {args.preset or 'tiny'}")
 
 
-def _execute(run_dir: Path, *, resume: bool, address: str | None, wandb_mode: str | None, as_json: bool) -> int:
-    """Run (or resume) the pipeline recorded in ``run_dir/pipeline.json``."""
+def _until(plan: list, until: str | None) -> list:
+    """The plan up to and including the phase ``until`` names (its name or number).
+
+    Raises:
+        ConfigError: key ``until``: the run's plan has no such phase (the plan's phases listed).
+    """
+    if until is None:
+        return plan
+    for i, spec in enumerate(plan):
+        if until.strip() in (spec.name, str(spec.number)):
+            return plan[: i + 1]
+    msg = (f"--until {until!r}: not a phase of this run; its phases are "
+           f"{', '.join(f'{s.number} {s.name}' for s in plan)}")
+    raise ConfigError(msg, [("until", msg)])
+
+
+def _execute(run_dir: Path, *, resume: bool, address: str | None, wandb_mode: str | None, as_json: bool,
+             until: str | None = None) -> int:
+    """Run (or resume) the pipeline recorded in ``run_dir/pipeline.json``, through ``until``."""
     from cluster.connect import connect
     from coordinator.config import parse_config
     from coordinator.pipeline import PipelineFailed, parse_selection, run_pipeline
@@ -158,7 +177,7 @@ def _execute(run_dir: Path, *, resume: bool, address: str | None, wandb_mode: st
     if wandb_mode:
         raw["wandb"] = {**raw.get("wandb", {}), "mode": wandb_mode}
     cfg = parse_config(raw, source=str(run.pipeline_file))
-    plan = parse_selection(state["plan"])
+    plan = _until(parse_selection(state["plan"]), until)
     info = connect(address or cfg.ray.address, num_cpus=cfg.ray.num_cpus)
     log.info("Ray: %s (dashboard %s); run folder %s", info.address, info.dashboard_url, run.root)
     tracker = Tracker(cfg.wandb, run, group=state["run_id"])
@@ -265,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "phase":
             return _cmd_run(args, phases=[args.name])
         if args.command == "resume":
-            return _execute(args.run_dir, resume=True, address=args.address, wandb_mode=args.wandb, as_json=args.json)
+            return _execute(args.run_dir, resume=True, address=args.address, wandb_mode=args.wandb, as_json=args.json,
+                            until=args.until)
         if args.command == "status":
             return _cmd_status(args)
         if args.command == "report":

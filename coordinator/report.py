@@ -142,6 +142,22 @@ def _pareto_plot(path: Path) -> str:
     return f'<div class="plot">{svg[svg.index("<svg"):]}</div>'
 
 
+def _profile_table(path: Path) -> str:
+    """A phase's measured ``timings.json`` ``profile`` (phase 8: the input, each codec alone, each
+    Pareto-front candidate and the final model, profiled in one process) as a table."""
+    if not path.exists():
+        return ""
+    profile = json.loads(path.read_text()).get("profile") or {}
+    cols = ["latency_ms_p50", "latency_ms_p95", "tokens_per_s", "peak_memory_bytes", "bytes_on_disk",
+            "latency_ratio", "throughput_ratio"]
+    rows = [[name, *(p.get(c) for c in cols)] for name, p in profile.items()]
+    if not rows:
+        return ""
+    return ("<h3>compression: profile (measured in this run, on this machine)</h3>"
+            + _table(rows, ["model", "p50 ms", "p95 ms", "tokens/s", "peak memory B", "bytes on disk",
+                            "latency vs input", "throughput vs input"]))
+
+
 def build_report(run: RunFolder, out: Path | None = None) -> Path:
     """Write ``RUN/report.html`` (or ``out``) and return its path."""
     status = collect_status(run)
@@ -164,6 +180,7 @@ def build_report(run: RunFolder, out: Path | None = None) -> Path:
         parts.append("<h3>Lineage</h3>" + _lineage(result))
         parts.append(_plots(run.phase_dir(p["number"], p["phase"]) / "metrics.jsonl"))
         parts.append(_pareto_plot(run.phase_dir(p["number"], p["phase"]) / "pareto.json"))
+        parts.append(_profile_table(run.phase_dir(p["number"], p["phase"]) / "timings.json"))
     if status["events"]:
         parts.append("<h2>Events</h2>")
         parts.append(_table([[e.get("at"), e.get("phase"), e.get("state"), e.get("reason") or e.get("error")]

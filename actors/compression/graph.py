@@ -88,7 +88,7 @@ def compression_graph(cfg: CompressConfig, common: dict[str, Any]) -> tuple[Task
     add("search", "architecture-optimizer", q)
     add("validate", "compression-validator", ("search", *q))
     add("package", "deployment-packager", ("search", "validate", *q))
-    add("profile", "performance-profiler", ("package", *q))
+    add("profile", "performance-profiler", ("search", "package", *q))
     add("report", "compression-orchestrator", ("analyze", "search", "validate", "package", "profile", *q, *stage_names))
     return tuple(tasks)
 
@@ -98,5 +98,9 @@ def compression_team(cfg: CompressConfig, common: dict[str, Any], *, name: str =
     ``RUNID/compress/<role>``) and the graph."""
     import actors.compression  # noqa: F401 - registers the roles
 
-    return TeamSpec(name=name, agents=tuple(AgentSpec(role=r, num_cpus=cfg.agent_cpus) for r in AGENTS),
-                    tasks=compression_graph(cfg, common))
+    tasks = compression_graph(cfg, common)
+    # Agents that load models in this graph import torch and transformers as they start (see
+    # roles._CompressionRole); the orchestrator (plan, report) and roles without tasks do not.
+    warm = {t.role for t in tasks if t.role != "compression-orchestrator"}
+    return TeamSpec(name=name, agents=tuple(AgentSpec(role=r, num_cpus=cfg.agent_cpus, config={"warm": r in warm})
+                                            for r in AGENTS), tasks=tasks)

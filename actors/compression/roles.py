@@ -35,16 +35,21 @@ __all__ = ["ArchitectureOptimizer", "CompressionOrchestrator", "CompressionValid
 
 
 class _CompressionRole(StatelessRole):
-    """Imports the heavy libraries when the actor starts: the nine agents spawn together, so
-    their imports (seconds each) overlap instead of delaying each agent's first task in turn."""
+    """Imports the heavy libraries when the actor starts (``config["warm"]``, set by the team
+    spec for agents that load models in this graph): the agents spawn together, so their imports
+    (about 7 s of CPU each: torch, transformers' model classes) overlap instead of delaying each
+    agent's first task in turn. Agents with no model work (the orchestrator; the pruning agent
+    or distiller when the strategy has no such stage) skip them: on a 2-core machine that is a
+    third of the team's start for the quantization strategy."""
 
     def setup(self, context: Any) -> None:
-        import transformers  # noqa: F401
+        if context.config.get("warm", True):
+            import transformers  # noqa: F401
 
-        import phases.cognate.modeling  # noqa: F401
-        import phases.compression.codecs  # noqa: F401
-        import phases.data.corpus  # noqa: F401
-        set_threads()
+            import phases.cognate.modeling  # noqa: F401
+            import phases.compression.codecs  # noqa: F401
+            import phases.data.corpus  # noqa: F401
+            set_threads()
 
 
 def _hf_config(model: Any) -> dict[str, Any]:
@@ -272,6 +277,14 @@ def _assemble(recipe: dict[str, str], states: dict[str, dict[str, Any]]) -> dict
     return state
 
 
+def _gather(recipe: dict[str, str], stored_by_codec: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The stored tensors of a recipe: each matrix from its codec's package, the rest from any."""
+    stored = dict(next(iter(stored_by_codec.values())))
+    for name, codec in recipe.items():
+        stored[name] = stored_by_codec[codec][name]
+    return stored
+
+
 def _recipe_bits(recipe: dict[str, str], packages: dict[str, dict[str, Any]]) -> int:
     """Stored bits of a recipe: its matrices in their codecs plus everything else (the same in
     every package)."""
@@ -361,10 +374,7 @@ class DeploymentPackager(_CompressionRole):
         search = inputs["search"]
         recipe = search["chosen"]["recipe"]
         packages = _packages(inputs)
-        stored_by_codec = {c: load_stored(p["package"]) for c, p in packages.items()}
-        stored = dict(next(iter(stored_by_codec.values())))
-        for name, codec in recipe.items():
-            stored[name] = stored_by_codec[codec][name]
+        stored = _gather(recipe, {c: load_stored(p["package"]) for c, p in packages.items()})
         src = next(iter(packages.values()))["source"]
         skeleton = load_hf(src)
         out = Path(payload["out"])
@@ -391,19 +401,29 @@ class DeploymentPackager(_CompressionRole):
 
 
 class PerformanceProfiler(_CompressionRole):
-    """``profile``: the input model, every codec's uniform candidate and the packaged model,
-    profiled in this process one after another, on the same inputs."""
+    """``profile``: the input model, every codec's uniform candidate, every Pareto-front
+    candidate (each packaged here, under this task's folder, and loaded back through its package)
+    and the phase's packaged model, profiled in this process one after another, on the same
+    inputs."""
 
     def handle(self, task: str, payload: Any, inputs: dict[str, Any]) -> Any:
-        from phases.compression.package import load_model
+        from phases.compression.package import load_model, load_stored, save_compressed
         from phases.compression.profile import bytes_on_disk, compare, profile_model
 
         set_threads()
         cfg = payload["cfg"]
         windows = corpus_for(payload).windows("heldout", max_windows=int(cfg["profile_batch_size"]))[:, :-1]
         models = {"input": (load_hf(payload["input"]), payload["input"])}
-        for codec, v in _packages(inputs).items():
+        packages = _packages(inputs)
+        for codec, v in packages.items():
             models[f"uniform-{codec}"] = (load_model(v["package"]), v["package"])
+        stored_by_codec = {c: load_stored(p["package"]) for c, p in packages.items()}
+        hf_config = _hf_config(load_hf(next(iter(packages.values()))["source"]))
+        for trial in inputs["search"]["front"]:
+            out = _task_dir(payload, task) / f"front-{trial['number']:03d}"
+            save_compressed(out, _gather(trial["recipe"], stored_by_codec), hf_config=hf_config,
+                            manifest={"recipe": trial["recipe"], "trial": trial["number"]})
+            models[f"front-{trial['number']:03d}"] = (load_model(out), out)
         models["compressed"] = (load_model(inputs["package"]["model"]), inputs["package"]["model"])
         profiles = {}
         for name, (model, path) in models.items():

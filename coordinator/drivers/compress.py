@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 from typing import Any
 
 from coordinator.errors import PhaseError
@@ -76,13 +77,35 @@ def _metrics(search: dict[str, Any], val: dict[str, Any], pkg: dict[str, Any], p
     return m
 
 
+def with_ternary_codec(cfg: Any, model_dir: Path) -> Any:
+    """``cfg`` with the ``ternary`` codec first in ``codecs`` when the input is a BitNet
+    (phase-4) model: at least half its weight matrices ternary row by row (its embeddings stay
+    floating point). Those matrices are then stored losslessly at about 1.6 bits per weight,
+    and the recipe search weighs ternary against the other codecs per matrix."""
+    from safetensors.torch import load_file
+
+    from phases.compression.ternary import ternary_share
+
+    if "ternary" in cfg.codecs or "quantize" not in cfg.stages:
+        return cfg
+    state: dict[str, Any] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        state.update(load_file(f))
+    share = ternary_share(state, min_weights=cfg.min_weights)
+    if share < 0.5:
+        return cfg
+    log.info("compress: %.0f%% of the input's weight matrices are ternary (a BitNet model): codec 'ternary' added",
+             100 * share)
+    return cfg.model_copy(update={"codecs": ("ternary", *cfg.codecs)})
+
+
 @register_phase("compress", number=8, title="Final compression", consumes="model")
 def run_compress(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
     from actors.compression.graph import compression_team
     from coordinator.drivers.teams import run_team
 
-    cfg = ctx.config.compress
     (model_dir,) = inputs.models
+    cfg = with_ternary_codec(ctx.config.compress, model_dir)
     out_dir = ctx.phase_dir / "models" / "compressed"
     work = ctx.work_dir / "compress"
     common = {"input": str(model_dir), "work": str(work), "out": str(out_dir), "phase_dir": str(ctx.phase_dir),

@@ -74,7 +74,7 @@ def _materialize_task(genome: dict, setup: dict, out_dir: str, tokenizer_from: s
 def _fingerprint(cfg: EvoMergeConfig, inputs: PhaseInputs, models: list[Path], setup: dict) -> str:
     """What a checkpoint must agree with to be continued: the search's settings (not where trials
     run), the input models' hashes, the evaluation data and the seed."""
-    search = cfg.model_dump(mode="json", exclude={"max_concurrent", "max_failures", "gpus_per_trial"})
+    search = cfg.model_dump(mode="json", exclude={"max_concurrent", "max_failures", "resubmits", "gpus_per_trial"})
     parts = {"search": search, "inputs": [r.sha256 for r in inputs.refs], "models": [str(m) for m in models],
              "data": setup["data"], "seed": setup["seed"], "eval": setup["eval"], "threads": setup["threads"]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -204,7 +204,7 @@ def run_evomerge(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
         _, _, searcher = run_search(
             tune.with_parameters(trial, setup=setup), evo, storage_path=ctx.work_dir / "tune",
             name=f"from-generation-{evo.generation:03d}", resources=resources, max_concurrent=cfg.max_concurrent,
-            max_failures=cfg.max_failures, on_generation=on_generation, details=details,
+            max_failures=cfg.max_failures, resubmits=cfg.resubmits, on_generation=on_generation, details=details,
             on_searcher=searcher_ref.append)
         failed.extend(k for k in searcher.failed if k not in failed)
         checkpoint()

@@ -6,8 +6,11 @@ generation's genomes that have no fitness yet, returns ``None`` while the genera
 trials run (the generational barrier), and ``Searcher.FINISHED`` when the GA stops;
 ``on_trial_complete`` records the trial's ``fitness`` in the GA's cache and, when the
 generation is complete, breeds the next one. A trial that failed after Tune's own retries
-(``FailureConfig.max_failures``, which also re-runs trials lost with a node) scores ``-inf``
-and is reported as failed, never given an invented fitness.
+(``FailureConfig.max_failures``, which also re-runs trials lost with a node) is run again as a
+new trial up to ``resubmits`` times, then scores ``-inf`` and is reported as failed, never given
+an invented fitness. (Resubmitting is ours because Tune can give up on a trial lost with its node
+before ``max_failures`` is spent: when two of the dead actor's calls fail, the first requeues the
+trial as PENDING and the second, arriving while it is PENDING, errors it for good.)
 
 Decisions depend only on fitness values, never on which trial finished first, so the search
 is the same with 1 worker or 20 (tested against ``Evolution.run``). Only recipes are
@@ -46,18 +49,23 @@ class GenomeSearcher(Searcher):
         on_generation: called with each closed generation's record (checkpoint here).
         details: genome key -> the trial's other numeric results (objectives, fitness terms);
             filled as trials complete (pass a restored dict to keep earlier ones).
+        resubmits: times a genome whose trial Tune gave up on is run again as a new trial.
     Attributes:
-        failed: keys of genomes whose trials failed (crashed after Tune's retries): -inf.
+        failed: keys of genomes whose trials failed (crashed after Tune's retries and our
+            resubmits): -inf.
+        resubmitted: genome key -> times its trial was run again as a new trial.
         invalid: keys of genomes whose trial reported a non-finite fitness (a broken child,
             e.g. NaN weights): -inf as well, but not a failure of the system.
     """
 
     def __init__(self, evolution: Evolution, on_generation: Callable[[GenerationRecord], None] | None = None,
-                 details: dict[str, dict[str, float]] | None = None):
+                 details: dict[str, dict[str, float]] | None = None, resubmits: int = 1):
         super().__init__(metric="fitness", mode="max")
         self.evo = evolution
         self._on_generation = on_generation
         self.details = details if details is not None else {}
+        self.resubmits = resubmits
+        self.resubmitted: dict[str, int] = {}
         if not self.evo.population:
             self.evo.initial()
         self._queue: list[Genome] = self.evo.pending()
@@ -91,10 +99,21 @@ class GenomeSearcher(Searcher):
     def _reset(self) -> None:
         self._queue, self._running, self._evaluated = self.evo.pending(), {}, 0
 
+    def _resubmit(self, genome: Genome) -> None:
+        """Make ``genome`` runnable again (its trial errored; a new trial will run it)."""
+        self._queue.insert(0, genome)
+
     def _record(self, trial_id: str, result: dict | None, error: bool) -> Genome | None:
-        """Put a finished trial's fitness (``-inf`` when it failed) and details in the GA."""
+        """Put a finished trial's fitness (``-inf`` when it failed) and details in the GA.
+
+        Returns the genome, or ``None`` when the trial is unknown or its genome was resubmitted."""
         genome = self._running.pop(trial_id, None)
         if genome is None:
+            return None
+        key = genome.key()
+        if error and self.resubmitted.get(key, 0) < self.resubmits:
+            self.resubmitted[key] = self.resubmitted.get(key, 0) + 1
+            self._resubmit(genome)
             return None
         fitness = None if error or not result else result.get(self.metric)
         if fitness is None:
@@ -134,7 +153,7 @@ class GenomeSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self._record(trial_id, result, error) is None:
-            return  # already taken from its result
+            return  # already taken from its result, or resubmitted
         self._evaluated += 1
         if not self._queue and not self._running:
             self._close_generation()
@@ -158,11 +177,13 @@ class SteadySearcher(GenomeSearcher):
     evo: SteadyState
 
     def __init__(self, evolution: SteadyState, on_generation: Callable[[GenerationRecord], None] | None = None,
-                 details: dict[str, dict[str, float]] | None = None):
+                 details: dict[str, dict[str, float]] | None = None, resubmits: int = 1):
         Searcher.__init__(self, metric="fitness", mode="max")
         self.evo = evolution
         self._on_generation = on_generation
         self.details = details if details is not None else {}
+        self.resubmits = resubmits
+        self.resubmitted: dict[str, int] = {}
         self.failed: list[str] = []
         self.invalid: list[str] = []
         self.timings: list[tuple[float, str, float]] = []
@@ -182,12 +203,15 @@ class SteadySearcher(GenomeSearcher):
         self._advance()
         if self.evo.done:
             return Searcher.FINISHED
-        for _, genome in self.evo.runnable():
+        for _, genome in self.evo.runnable():  # a resubmitted genome is runnable again: not in flight
             if genome.key() not in self._inflight:
                 self._inflight.add(genome.key())
                 self._running[trial_id] = genome
                 return {"genome": genome.to_json(), "key": genome.key(), "generation": self.evo.generation}
         return None  # the window: the next child waits for an older result
+
+    def _resubmit(self, genome: Genome) -> None:
+        self._inflight.discard(genome.key())
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         genome = self._record(trial_id, result, error)
@@ -198,7 +222,7 @@ class SteadySearcher(GenomeSearcher):
 
 def run_search(trainable: Callable[[dict], None], evolution: Evolution, *, storage_path: str | Path, name: str,
                resources: dict[str, float] | None = None, max_concurrent: int | None = None,
-               max_failures: int = 2, on_generation: Callable[[GenerationRecord], None] | None = None,
+               max_failures: int = 2, resubmits: int = 1, on_generation: Callable[[GenerationRecord], None] | None = None,
                reuse_actors: bool = True,
                details: dict[str, dict[str, float]] | None = None,
                on_searcher: Callable[[GenomeSearcher], None] | None = None) -> tuple[Genome, float, GenomeSearcher]:
@@ -212,6 +236,7 @@ def run_search(trainable: Callable[[dict], None], evolution: Evolution, *, stora
         resources: per trial, e.g. ``{"cpu": 1}`` or ``{"cpu": 1, "gpu": 0.25}``.
         max_concurrent: trials at once (default: as many as the resources allow).
         max_failures: Tune's retries of a failed trial (e.g. lost with its node).
+        resubmits: then, new trials for a genome whose trial Tune gave up on.
         reuse_actors: keep trial processes between trials, so parents load once per worker.
         details: see :class:`GenomeSearcher`.
         on_searcher: called with the searcher before the search starts.
@@ -220,7 +245,7 @@ def run_search(trainable: Callable[[dict], None], evolution: Evolution, *, stora
     # reporter honours it. The driver logs one line per generation instead.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     searcher = (SteadySearcher if isinstance(evolution, SteadyState) else GenomeSearcher)(
-        evolution, on_generation, details)
+        evolution, on_generation, details, resubmits)
     if on_searcher is not None:
         on_searcher(searcher)
     tuner = tune.Tuner(

@@ -14,6 +14,9 @@ codec name to a function ``(weight, **settings) -> stored tensor``. Every stored
   ``latent``, ``seed_bits``, ...).
 - ``"vptq"``: VPTQ (``vptq.py``), 2-D weights only; settings are passed to ``vptq.compress``
   (``hessian``, ``vector_len``, ``centroids``, ``residual_centroids``, ...).
+- ``"ternary"``: BitNet b1.58 trits (``ternary.py``), five per byte plus one scale per row;
+  lossless on a weight that is already ternary (a BitNet layer), absmean-quantised otherwise;
+  setting ``scale_dtype`` ("fp32", the default, or "fp16").
 
 Sparsity is a keyword of :func:`encode`, not a setting (settings go to the codec untouched):
 ``encode(w, "int8", sparse=True)`` stores a pruned weight as a :class:`SparseTensor` (1-bit
@@ -36,7 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from coordinator.errors import ConfigError
-from phases.compression import rtn, seedlm, vptq
+from phases.compression import rtn, seedlm, ternary, vptq
 from phases.compression.sparse import SparseTensor, split
 from phases.compression.stored import StoredBits
 
@@ -175,6 +178,11 @@ def _seedlm(weight: torch.Tensor, **settings) -> seedlm.SeedLMTensor:
     return seedlm.compress(weight.detach().cpu(), **settings)
 
 
+@register_codec("ternary", settings=("scale_dtype",))
+def _ternary(weight: torch.Tensor, scale_dtype: str = "fp32") -> ternary.TernaryTensor:
+    return ternary.compress(weight.detach().cpu(), scale_dtype=scale_dtype)
+
+
 @register_codec("vptq", settings=lambda: _keywords(vptq.compress), sparse=False)
 def _vptq(weight: torch.Tensor, **settings) -> vptq.VPTQTensor:
     if weight.dim() != 2:
@@ -216,6 +224,8 @@ def planned_bits(shape: tuple[int, ...], codec: str, settings: dict | None = Non
     if codec == "seedlm":
         s = {"block": 8, "latent": 3, "seed_bits": 16} | _defaults(seedlm.compress) | settings
         return -(-numel // s["block"]) * (s["seed_bits"] + 4 + 4 * s["latent"])
+    if codec == "ternary":
+        return ternary.planned_bits(shape, scale_dtype=settings.get("scale_dtype", "fp32"))
     return None
 
 
@@ -235,6 +245,8 @@ def sparse_worthwhile(weight: torch.Tensor, codec: str, settings: dict | None = 
         return False
     shape = tuple(weight.shape)
     nnz = int((weight != 0).sum())
+    if codec == "ternary" and ternary.is_ternary(weight) and not ternary.is_ternary(weight, per_row=False):
+        return False  # the kept values are one flat row with one scale: a per-row-scaled BitNet weight would lose its exactness
     dense = planned_bits(shape, codec, settings)
     inner = planned_bits((nnz,), codec, _sparse_inner_settings(codec, settings, shape, nnz)) if nnz else 0
     return dense is not None and inner is not None and math.prod(shape) + inner < dense
@@ -246,13 +258,13 @@ def encode(weight: torch.Tensor, codec: str, settings: dict | None = None, *, sp
 
     Args:
         weight: a floating-point tensor (any shape; VPTQ: 2-D).
-        codec: a registered name (``CODECS``): fp32, fp16, int8, int4, seedlm, vptq.
+        codec: a registered name (``CODECS``): fp32, fp16, int8, int4, seedlm, vptq, ternary.
         settings: the codec's settings (see the module docstring); None: its defaults.
         sparse: store the nonzero entries plus a 1-bit mask when that is smaller
             (:func:`sparse_worthwhile`); ignored for dense-only codecs (VPTQ).
         name: the parameter's name, used in error messages.
     Returns:
-        A stored tensor (Dense, RTNTensor, SeedLMTensor, VPTQTensor or SparseTensor).
+        A stored tensor (Dense, RTNTensor, SeedLMTensor, VPTQTensor, TernaryTensor or SparseTensor).
     Raises:
         ConfigError: an unknown codec or setting, or VPTQ on a weight that is not 2-D.
         TypeError: ``weight`` is not a floating-point tensor.

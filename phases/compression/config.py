@@ -19,7 +19,8 @@ from phases.data.config import FrozenConfig
 __all__ = ["CODECS", "STAGES", "CompressConfig"]
 
 # Weight codecs the quantization agent offers (phases/compression/codecs.py).
-CODECS = ("fp16", "int8", "int4", "vptq", "seedlm")
+# "ternary" (BitNet b1.58 trits) is added by the driver when the input is a ternary (phase-4) model.
+CODECS = ("fp16", "int8", "int4", "vptq", "seedlm", "ternary")
 
 # What each strategy runs, in order: prune (to the final sparsity), prune-progressive (the
 # schedule, distilling after each step), distill (the student learns from the input model),
@@ -33,7 +34,7 @@ STAGES: dict[str, tuple[str, ...]] = {
 }
 
 Strategy = Literal["pruning", "quantization", "distillation", "hybrid", "progressive"]
-Codec = Literal["fp16", "int8", "int4", "vptq", "seedlm"]
+Codec = Literal["fp16", "int8", "int4", "vptq", "seedlm", "ternary"]
 
 
 class CompressConfig(FrozenConfig):

@@ -4,8 +4,9 @@ A package is a directory, published atomically (``serialization.checkpoint.publi
 
     compressed.safetensors  every parameter's fields, named "<parameter>:<field>": packed bit
                             fields (uint8: RTN codes and zero points at ``bits`` bits each, VPTQ
-                            indices at ceil(log2 k) bits, sparse masks at 1 bit, SeedLM's
-                            ``to_bytes``), float16 scales and codebooks; float32 only for "fp32"
+                            indices at ceil(log2 k) bits, sparse masks at 1 bit, ternary
+                            trits five per byte, SeedLM's ``to_bytes``), float16 scales and
+                            codebooks; float32 only for "fp32" and ternary's default scales
     compression.json        format tag, per parameter: codec, storage format, shape, dtype,
                             settings, the keys it owns, total_bits, bits_per_weight, nbytes;
                             totals; the sha256 of compressed.safetensors; the caller's manifest
@@ -39,11 +40,12 @@ import numpy as np
 import torch
 
 from coordinator.errors import ArtifactError
-from phases.compression import seedlm
+from phases.compression import seedlm, ternary
 from phases.compression.codecs import Dense, Stored
 from phases.compression.rtn import RTNTensor
 from phases.compression.seedlm import SeedLMTensor
 from phases.compression.sparse import SparseTensor, pack_mask, unpack_mask
+from phases.compression.ternary import TernaryTensor
 from phases.compression.vptq import VPTQTensor
 from serialization.checkpoint import (atomic_write_json, load_tensors, publish_dir, read_json,
                                       save_tensors)
@@ -120,8 +122,10 @@ def codec_name(stored: Stored) -> str:
         return "seedlm"
     if isinstance(stored, VPTQTensor):
         return "vptq"
+    if isinstance(stored, TernaryTensor):
+        return "ternary"
     raise TypeError(f"no serialiser for {type(stored).__name__}; known: Dense, RTNTensor, SeedLMTensor, "
-                    "VPTQTensor, SparseTensor")
+                    "VPTQTensor, TernaryTensor, SparseTensor")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -164,6 +168,10 @@ def to_tensors(stored: Stored) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
         if stored.perm is not None:
             out["perm"] = pack_uint(stored.perm, _index_bits(stored.shape[1]))
         return meta, out
+    if isinstance(stored, TernaryTensor):
+        meta = {"format": "ternary", **base, "settings": {"scale_dtype": stored.scale_dtype}}
+        return meta, {"codes": stored.codes.detach().cpu().contiguous(),
+                      "scales": stored.scales.detach().cpu().contiguous()}
     if isinstance(stored, SparseTensor):
         inner_meta, inner = to_tensors(stored.values)
         meta = {"format": "sparse", **base, "settings": {"nnz": stored.nnz}, "inner": inner_meta}
@@ -284,6 +292,18 @@ def from_tensors(meta: dict[str, Any], tensors: Mapping[str, torch.Tensor], *, p
             if not torch.equal(torch.sort(perm).values, torch.arange(cols)):
                 raise r.fail(f"tensor field 'perm' is not a permutation of {cols} columns")
         return VPTQTensor((out, cols), v, codebook, indices, res_cb, res_idx, scale, offset, perm, dtype)
+    if fmt == "ternary":
+        scale_dtype = r.setting("scale_dtype", str)
+        if scale_dtype not in ternary.SCALE_DTYPES:
+            raise r.fail(f"setting 'scale_dtype' must be one of {sorted(ternary.SCALE_DTYPES)}, got {scale_dtype!r}")
+        rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+        scales = r.tensor("scales", ternary.SCALE_DTYPES[scale_dtype], (rows,))
+        codes = r.tensor("codes", torch.uint8)
+        try:
+            ternary.check_packed(codes, numel)
+        except ValueError as exc:
+            raise r.fail(f"tensor field 'codes': {exc}") from exc
+        return TernaryTensor(shape, codes, scales, dtype)
     if fmt == "sparse":
         nnz = r.setting("nnz", lo=0)
         try:
@@ -298,7 +318,7 @@ def from_tensors(meta: dict[str, Any], tensors: Mapping[str, torch.Tensor], *, p
         if values.numel != nnz:
             raise r.fail(f"the kept values hold {values.numel} weights, the mask keeps {nnz}")
         return SparseTensor(shape, mask, values, dtype)
-    raise r.fail(f"unknown storage format {fmt!r}; known: dense, rtn, seedlm, vptq, sparse")
+    raise r.fail(f"unknown storage format {fmt!r}; known: dense, rtn, seedlm, vptq, ternary, sparse")
 
 
 # --- the package -----------------------------------------------------------------------------

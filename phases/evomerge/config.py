@@ -44,6 +44,8 @@ class EvoMergeConfig(EvolutionConfig):
     gpus_per_trial: float = Field(0.0, ge=0)
     # Trials at once; None = as many as the cluster's resources allow.
     max_concurrent: int | None = Field(None, ge=1)
-    # Tune's retries of a failed trial (a worker or node lost); after them the candidate scores
-    # -inf and is listed as failed.
+    # Tune's retries of a failed trial (a worker or node lost).
     max_failures: int = Field(2, ge=0)
+    # Then new trials for a candidate whose trial Tune gave up on (Tune can give up on a trial
+    # lost with its node before max_failures is spent); after them it scores -inf.
+    resubmits: int = Field(1, ge=0)

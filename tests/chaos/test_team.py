@@ -56,7 +56,8 @@ def graph20() -> list[TaskSpec]:
 
 @pytest.mark.slow
 def test_random_agent_kills_never_change_the_outputs(tmp_path):
-    """(a) 20-task graph, agents killed at random (5 seeds): every task completes, outputs equal."""
+    """(a) 20-task graph, agents killed at random (5 seeds): every task completes, outputs equal.
+    Default-run sibling: tests/chaos/test_nodes.py's random kills across nodes (one seed)."""
     roles = ("t-w1", "t-w2", "t-w3", "t-w4")
     clean, _ = run_team(tmp_path, "clean", roles, graph20())
     assert clean.succeeded and len(clean.outputs) == 20

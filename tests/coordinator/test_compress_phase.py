@@ -95,6 +95,12 @@ def test_the_phase_returns_a_compressed_package_that_loads(clean_run):
     health = json.loads((run.phase_dir(8, "compress") / "work" / "teams" / "compress" / "health" / "report.json")
                         .read_text())
     assert len(health["agents"]) == 9, "all nine agents ran"
+    profile = json.loads((run.phase_dir(8, "compress") / "timings.json").read_text())["profile"]
+    front = {f"front-{t['number']:03d}" for t in report["front"]}
+    assert front and set(profile) == {"input", "compressed", *(f"uniform-{c}" for c in ("int8", "int4")), *front}
+    for name, p in profile.items():
+        assert p["latency_ms_p50"] > 0 and p["bytes_on_disk"] > 0, name
+    assert profile["compressed"]["bytes_on_disk"] < profile["input"]["bytes_on_disk"]
 
 
 def test_seedlm_over_its_budget_falls_back_to_int8(clean_run):
@@ -116,3 +122,13 @@ def test_agent_kills_do_not_change_the_output_hashes(clean_run, tmp_path):
     m = result.metrics
     assert m["compression/team_faults_injected"] >= 1 and m["compression/team_recoveries"] >= 1, m
     assert _hashes(result) == _hashes(clean[-1]), "outputs equal the fault-free run's"
+
+
+def test_a_cluster_too_small_for_the_team_is_refused_naming_agent_cpus(trained_phase, tmp_path):
+    """Nine agents reserving 1 CPU each on the tests' 2-CPU Ray: the phase fails before any agent
+    starts, naming the setting to lower (not a hang waiting for resources)."""
+    with pytest.raises(pipeline.PipelineFailed) as err:
+        _run(tmp_path, compress={"agent_cpus": 1.0})
+    assert err.value.phase == "compress"
+    assert "compress.agent_cpus" in err.value.reason and "9 agents reserve 9 CPUs" in err.value.reason
+    assert not (tmp_path / "run" / "08_compress" / "models" / "compressed").exists()

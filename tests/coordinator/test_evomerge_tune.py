@@ -53,7 +53,8 @@ def test_a_failing_trial_scores_minus_inf_and_the_search_goes_on(tmp_path):
     bad = Evolution(cfg, n_models=3, seed=1).initial()[-1]  # a random genome of the first population
     evo = Evolution(cfg, n_models=3, seed=1)
     best, fit, searcher = run_search(tune.with_parameters(failing_trainable, bad_key=bad.key()), evo,
-                                     storage_path=tmp_path, name="fail", resources={"cpu": 0.5}, max_failures=0)
+                                     storage_path=tmp_path, name="fail", resources={"cpu": 0.5}, max_failures=0,
+                                     resubmits=0)
     assert searcher.failed == [bad.key()] and evo.cache[bad.key()] == float("-inf")
     assert len(evo.cache) == 6 and best.key() != bad.key() and fit > float("-inf")
 
@@ -79,3 +80,25 @@ def test_continuous_breeding_on_tune_equals_the_sequential_steady_state(tmp_path
     assert (best.key(), fit) == (best_plain.key(), fit_plain)
     assert [r.best_key for r in evo.history] == [r.best_key for r in plain.history]
     assert [g.key() for g in evo.children[: evo.applied]] == [g.key() for g in plain.children[: plain.applied]]
+
+
+@pytest.mark.parametrize("kind", ["generational", "steady"])
+def test_a_trial_tune_gave_up_on_is_resubmitted_once_then_scores_minus_inf(kind):
+    """The searcher alone (no Tune run): an errored trial's genome goes out again as a new
+    trial; a second error within the budget of one resubmit makes it a failure scoring -inf."""
+    from coordinator.drivers.evomerge_tune import GenomeSearcher, SteadySearcher
+    from phases.evomerge.steady import SteadyState
+
+    if kind == "steady":
+        searcher = SteadySearcher(SteadyState(CFG, n_models=3, seed=2, window=4), resubmits=1)
+    else:
+        searcher = GenomeSearcher(Evolution(CFG, n_models=3, seed=2), resubmits=1)
+    first = searcher.suggest("t1")
+    searcher.on_trial_complete("t1", error=True)
+    again = searcher.suggest("t2")
+    assert again["key"] == first["key"] and searcher.resubmitted == {first["key"]: 1}
+    assert not searcher.failed and first["key"] not in searcher.evo.cache
+    searcher.on_trial_complete("t2", error=True)
+    assert searcher.failed == [first["key"]] and searcher.evo.cache[first["key"]] == float("-inf")
+    nxt = searcher.suggest("t3")
+    assert nxt is not None and nxt["key"] != first["key"]

@@ -105,10 +105,12 @@ def test_sigkill_mid_search_then_resume_gives_identical_hashes(reference_run, tm
     """SIGKILL the driver (and its embedded Ray) in the middle of EvoMerge's search, resume: the
     search continues from its last completed generation, and every model and artifact of the
     run equals the uninterrupted run's bit for bit. Phase 1 is taken from the reference run
-    (its own mid-phase resume is tested in tests/phases/test_cognate_train.py)."""
+    (its own mid-phase resume is tested in tests/phases/test_cognate_train.py); the resume stops
+    after phase 2 (``--until evomerge``; phase 8's determinism under agent kills is tested in
+    tests/coordinator/test_compress_phase.py)."""
     run_dir, _ = reference_run
     killed = tmp_path / "killed"
-    shutil.copytree(run_dir, killed, ignore=shutil.ignore_patterns("02_evomerge", "wandb", "report.html"))
+    shutil.copytree(run_dir, killed, ignore=shutil.ignore_patterns("02_evomerge", "08_compress", "wandb", "report.html"))
     state = killed / "02_evomerge" / "work" / "evolution.json"
     proc = subprocess.Popen([*agentforge_cmd(), "resume", str(killed), "--wandb", "disabled"],
                             cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -123,11 +125,13 @@ def test_sigkill_mid_search_then_resume_gives_identical_hashes(reference_run, tm
     saved = json.loads(state.read_text())["evolution"]
     assert saved["generation"] >= 1 and saved["history"], "killed after a completed generation"
 
-    resumed = _agentforge("resume", str(killed), "--wandb", "disabled", cwd=tmp_path)
+    resumed = _agentforge("resume", str(killed), "--until", "evomerge", "--wandb", "disabled", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert re.search(r"phase 1 cognate: skipped, result and \d+ artifact\(s\) verified", resumed.stderr)
     assert "evomerge: resuming after generation" in resumed.stderr
-    assert _model_hashes(killed) == _model_hashes(run_dir), "resumed run must equal the uninterrupted one bit for bit"
+    assert not (killed / "08_compress" / "result.json").exists(), "--until evomerge stops after phase 2"
+    reference = {k: v for k, v in _model_hashes(run_dir).items() if not k.startswith("08_compress")}
+    assert _model_hashes(killed) == reference, "resumed run must equal the uninterrupted one bit for bit"
 
 
 
@@ -157,14 +161,26 @@ def test_unbuilt_phase_fails_with_a_clear_reason(tmp_path, capsys, monkeypatch):
     assert "bitnet" in last and "not built yet" in last and "issue #7" in last
 
 
+def test_resume_until_a_phase_not_in_the_run_names_the_runs_phases(reference_run, capsys, monkeypatch):
+    run_dir, _ = reference_run
+    before = _model_hashes(run_dir)
+    code, err = _main_in_process(["resume", str(run_dir), "--until", "bitnet"], run_dir.parent, capsys, monkeypatch)
+    assert code == 2
+    assert "--until 'bitnet'" in err and "1 cognate, 2 evomerge, 8 compress" in err
+    assert _model_hashes(run_dir) == before
+
+
 def test_unknown_preset_lists_presets(tmp_path, capsys, monkeypatch):
     code, err = _main_in_process(["run", "--preset", "huge"], tmp_path, capsys, monkeypatch)
     assert code == 2 and "tiny" in err
 
 
-def test_phase_command_runs_one_phase_and_refuses_unbuilt_ones(reference_run, tmp_path, capsys, monkeypatch):
+@pytest.mark.slow
+def test_phase_command_runs_one_phase(reference_run, tmp_path):
     """`agentforge phase evomerge --models A B C`: merging any HF models on their own (here the
-    README run's three Cognate variants; no base model named, so the first is the base)."""
+    README run's three Cognate variants; no base model named, so the first is the base).
+    Default-run siblings: the phase tests in tests/coordinator/test_evomerge_phase.py and
+    test_phase_command_refuses_unbuilt_phases (the command's own path)."""
     run_dir, _ = reference_run
     result = json.loads((run_dir / "01_cognate" / "result.json").read_text())
     models = [str(run_dir / m["path"]) for m in result["models"]]
@@ -176,9 +192,15 @@ def test_phase_command_runs_one_phase_and_refuses_unbuilt_ones(reference_run, tm
     assert result["success"] and result["metrics"]["evomerge/generations"] == 1
     recipe = json.loads((tmp_path / "two" / "02_evomerge" / "recipe.json").read_text())
     assert len(recipe["models"]) == 3 and not any("(base)" in n for n in recipe["model_names"])
-    code, err = _main_in_process(["phase", "bitnet", "--models", str(tmp_path / "two" / result["model"]["path"]),
-                                  "--out", "three"], tmp_path, capsys, monkeypatch)
+
+
+def test_phase_command_refuses_unbuilt_phases(reference_run, tmp_path, capsys, monkeypatch):
+    run_dir, _ = reference_run
+    model = json.loads((run_dir / "02_evomerge" / "result.json").read_text())["model"]["path"]
+    code, err = _main_in_process(["phase", "bitnet", "--models", str(run_dir / model), "--out", "three"],
+                                 tmp_path, capsys, monkeypatch)
     assert code == 1 and "bitnet" in err and "not built yet" in err
+    assert not (tmp_path / "three" / "04_bitnet").exists()
 
 
 def test_loaded_model_generates(reference_run):

@@ -138,7 +138,7 @@ def test_sparse_keeps_zeros_exactly_and_beats_dense_int8_at_60_percent():
 
 def test_unknown_codecs_and_settings_are_config_errors_listing_the_valid_ones():
     w = _randn(8, 8)
-    with pytest.raises(ConfigError, match="registered codecs: fp16, fp32, int4, int8, seedlm, vptq"):
+    with pytest.raises(ConfigError, match="registered codecs: fp16, fp32, int4, int8, seedlm, ternary, vptq"):
         codecs.encode(w, "int3")
     with pytest.raises(ConfigError, match="'bits'.*allowed: group_size"):
         codecs.encode(w, "int8", {"bits": 4}, name="layer.weight")

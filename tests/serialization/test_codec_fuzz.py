@@ -183,6 +183,7 @@ def test_fuzzed_messages_decode_or_raise_decode_error() -> None:
 
 @pytest.mark.slow
 def test_fuzz_400k_more_messages() -> None:
+    """Default-run sibling: the fuzz tests above, on fewer messages."""
     run_fuzz(400_000, SEED + 1)
 
 
