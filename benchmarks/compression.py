@@ -7,15 +7,20 @@ passing or not), and the table shows, vs the fp32 input: size ratio (fp32 bytes 
 package's tensor file on disk), accuracy retention (held-out next-token accuracy), perplexity
 ratio, and latency ratio (p50 of a forward pass, profiled by the team's profiler in the same
 process as the input's). The quantization run adds one row per codec alone (every matrix in
-that codec). The hybrid run's Pareto front is printed in full. Then, per weight matrix of the
-input model, VPTQ against round-to-nearest at no more bits per weight (codebooks counted):
+that codec). The hybrid and progressive runs' Pareto fronts are printed in full. Then, per
+weight matrix of the input model, VPTQ against round-to-nearest at no more bits per weight (codebooks counted):
 relative Hessian-weighted error ``||(W - Q) X^T|| / ||W X^T||`` on calibration inputs.
 
 The input model: ``--model DIR`` (an HF Cognate dir), else the tiny preset's phases 1-2 are run
 first into a temporary folder (about 80 s on 2 cores).
 
+With ``--bitnet`` the quantization strategy also runs on a BitNet-like copy of the model (every
+linear layer but the LM head ternarised by absmean, one scale per row: a stand-in for a phase-4
+model until phase 4 is built); the driver adds the ternary codec, and the row shows size vs the
+fp32 bytes of that input and retention vs it, with the ternary codec alone below.
+
 Usage: python benchmarks/compression.py [--model DIR] [--preset tiny] [--strategies hybrid,quantization]
-       [--json]
+       [--bitnet] [--set compress.KEY=VALUE ...] [--json]
 """
 
 from __future__ import annotations
@@ -51,14 +56,14 @@ def _tiny_model(root: Path, preset: str) -> Path:
     return run.resolve(results[-1].model)
 
 
-def _run_strategy(root: Path, model: Path, preset: str, strategy: str) -> dict:
+def _run_strategy(root: Path, model: Path, preset: str, strategy: str, overrides: list[str] = ()) -> dict:
     from coordinator.config import load_config
     from coordinator.pipeline import parse_selection, run_pipeline
     from coordinator.runfolder import RunFolder
     from coordinator.tracking import Tracker
 
     # The gate off (min_retention 0): the benchmark reports each technique's retention, passing or not.
-    cfg, _ = load_config(preset=preset, overrides=["wandb.mode=disabled", f"compress.strategy={strategy}",
+    cfg, _ = load_config(preset=preset, overrides=["wandb.mode=disabled", *overrides, f"compress.strategy={strategy}",
                                                    "compress.min_retention=0.0"])
     run = RunFolder(root / strategy)
     plan = parse_selection(["compress"])
@@ -74,6 +79,17 @@ def _run_strategy(root: Path, model: Path, preset: str, strategy: str) -> dict:
             "report": json.loads((phase / "compression_report.json").read_text()),
             "timings": json.loads((phase / "timings.json").read_text()),
             "pareto": json.loads((phase / "pareto.json").read_text())}
+
+
+def _bitnet_model(model: Path, out: Path) -> Path:
+    """A copy of ``model`` with its linear layers (not the LM head) ternarised in place."""
+    from actors.compression.io import load_hf, save_hf
+    from phases.compression.ternary import ternarize_linears
+
+    m = load_hf(model)
+    ternarize_linears(m)
+    save_hf(m, out, str(model))
+    return out
 
 
 def vptq_vs_rtn(model_dir: Path, preset: str) -> list[dict]:
@@ -122,6 +138,10 @@ def main() -> None:
     ap.add_argument("--model", type=Path)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--bitnet", action="store_true", help="also the quantization strategy on a ternarised copy")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a preset value for every run, e.g. --set compress.sparsity=0.8")
+    ap.add_argument("--no-vptq-table", action="store_true", help="skip the per-matrix VPTQ vs RTN comparison")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -133,8 +153,13 @@ def main() -> None:
         root = Path(tmp)
         model = args.model.resolve() if args.model else _tiny_model(root, args.preset)
         out["model"] = str(args.model or f"the {args.preset} preset's EvoMerge model (phases 1-2, run here)")
-        out["runs"] = [_run_strategy(root, model, args.preset, s) for s in args.strategies.split(",") if s]
-        out["vptq_vs_rtn"] = vptq_vs_rtn(model, args.preset)
+        out["runs"] = [_run_strategy(root, model, args.preset, s, args.overrides)
+                       for s in args.strategies.split(",") if s]
+        if args.bitnet:
+            bitnet = _bitnet_model(model, root / "bitnet-input")
+            out["runs"].append({**_run_strategy(root / "bitnet", bitnet, args.preset, "quantization", args.overrides),
+                                "label": "quantization (BitNet-like input)"})
+        out["vptq_vs_rtn"] = [] if args.no_vptq_table else vptq_vs_rtn(model, args.preset)
     ray.shutdown()
     if args.json:
         print(json.dumps(out, indent=1, default=str))
@@ -147,20 +172,22 @@ def main() -> None:
             print(f"{r['strategy']:<22} failed: {r['error']}")
             continue
         m = r["metrics"]
-        print(f"{r['strategy']:<22} {m['compression/ratio_vs_fp32']:>11.2f} {m['compression/retention']:>10.4f} "
+        print(f"{r.get('label', r['strategy']):<22} {m['compression/ratio_vs_fp32']:>11.2f} {m['compression/retention']:>10.4f} "
               f"{m['compression/perplexity_ratio']:>10.4f} {m['compression/latency_ratio'] or float('nan'):>10.2f} "
               f"{r['wall_s']:>7.1f}" + (f"  ({r['degraded']})" if r["degraded"] else ""))
-        if r["strategy"] == "quantization":
+        if r["strategy"] == "quantization" and "pareto" in r:
             for codec, row in sorted(r["pareto"]["uniform"].items()):
                 lat = r["timings"]["profile"].get(f"uniform-{codec}", {}).get("latency_ratio")
                 print(f"  {codec + ' alone':<20} {row['compression']:>11.2f} {row['retention']:>10.4f} "
                       f"{'':>10} {lat if lat is not None else float('nan'):>10.2f}")
     for r in out["runs"]:
-        if r.get("strategy") == "hybrid" and "pareto" in r:
-            print("\nhybrid Pareto front (size x fp32 by bits, retention):")
+        if r.get("strategy") in ("hybrid", "progressive") and "pareto" in r:
+            print(f"\n{r['strategy']} Pareto front (size x fp32 by bits, retention):")
             for p in sorted(r["pareto"]["front"], key=lambda p: p["compression"]):
                 mark = "  <- chosen" if p == r["pareto"]["chosen"] else ""
                 print(f"  {p['compression']:8.2f}x  {p['retention']:.4f}{mark}")
+    if not out["vptq_vs_rtn"]:
+        return
     wins = sum(1 for row in out["vptq_vs_rtn"] if row["rtn_err"] is not None and row["vptq_err"] < row["rtn_err"])
     print(f"\nVPTQ vs RTN at no more bits per weight, per matrix ({wins}/{len(out['vptq_vs_rtn'])} VPTQ wins):")
     for row in out["vptq_vs_rtn"]:

@@ -29,7 +29,7 @@ import torch
 from phases.compression.stored import StoredBits
 
 __all__ = ["SCALE_DTYPES", "TRITS_PER_BYTE", "TernaryTensor", "check_packed", "compress", "is_ternary",
-           "pack_trits", "planned_bits", "ternary_share", "unpack_trits"]
+           "pack_trits", "planned_bits", "ternarize_linears", "ternary_share", "unpack_trits"]
 
 TRITS_PER_BYTE = 5
 SCALE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
@@ -191,3 +191,20 @@ def ternary_share(state: dict[str, torch.Tensor], *, min_weights: int = 256) -> 
     0.0 for an ordinary model."""
     mats = [t for t in state.values() if t.is_floating_point() and t.dim() == 2 and t.numel() >= min_weights]
     return sum(is_ternary(t) for t in mats) / len(mats) if mats else 0.0
+
+
+@torch.no_grad()
+def ternarize_linears(model: torch.nn.Module, *, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """Ternarise every ``nn.Linear`` weight of ``model`` in place as BitNet b1.58 does (absmean,
+    one scale per row: ``s * clamp(round(w / s), -1, 1)``), except modules whose name contains
+    one of ``skip``; embeddings stay floating point. A stand-in for a phase-4 (BitNet) model in
+    tests and benchmarks (post-training, so it loses accuracy a quantisation-aware run would
+    keep). Returns the names of the ternarised weights."""
+    done = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(k in name for k in skip):
+            w = module.weight
+            s = w.abs().mean(dim=1, keepdim=True).clamp_min(1e-8)
+            w.copy_(torch.clamp(torch.round(w / s), -1, 1) * s)
+            done.append(f"{name}.weight")
+    return done

@@ -132,3 +132,56 @@ def test_a_cluster_too_small_for_the_team_is_refused_naming_agent_cpus(trained_p
     assert err.value.phase == "compress"
     assert "compress.agent_cpus" in err.value.reason and "9 agents reserve 9 CPUs" in err.value.reason
     assert not (tmp_path / "run" / "08_compress" / "models" / "compressed").exists()
+
+
+def _ternarised(inputs, ctx):
+    """A stand-in phase 4: the trained model with every linear layer but the LM head ternarised
+    as BitNet b1.58 does (absmean, one scale per row)."""
+    out = _trained(inputs, ctx)
+    from phases.compression.ternary import ternarize_linears
+
+    model = CognateForCausalLM.from_pretrained(out.model)
+    ternarize_linears(model)
+    corpus = load_corpus(DATA, seed=0)
+    return PhaseOutput(model=save_model_dir(model.eval(), corpus.tokenizer, ctx.phase_dir / "models" / "bitnet"))
+
+
+@pytest.mark.slow
+def test_a_bitnet_input_gets_the_ternary_codec_and_keeps_its_ternary_weights_exactly(trained_phase, tmp_path):
+    """A ternary (phase-4-like) input: the driver adds the ternary codec, whose package stores
+    every ternary matrix exactly, in 1.6 bits per weight plus one float32 scale per row. Default-run siblings: the codec and
+    detection tests in tests/phases/test_compression_ternary.py."""
+    from safetensors.torch import load_file
+
+    from phases.compression.package import load_state_dict
+
+    saved = PHASES.pop("t_trained")  # phase number 0 is the stand-in upstream phase's
+    pipeline.register_phase("t_bitnet", number=0, title="ternary model", consumes="none")(_ternarised)
+    try:
+        cfg = PipelineConfig(seed=5, data=DATA, wandb={"mode": "disabled"},
+                             compress={**COMPRESS, "codecs": ["int8"], "search_trials": 2})
+        run = RunFolder(tmp_path / "run")
+        plan = parse_selection(["t_bitnet", "compress"])
+        run.create(run_id="bitnet", config=cfg.model_dump(mode="json"), seed=5, plan=[s.name for s in plan])
+        results = run_pipeline(cfg, run, plan, tracker=Tracker(cfg.wandb, run, "r"))
+    finally:
+        PHASES.pop("t_bitnet")
+        PHASES["t_trained"] = saved
+    result = results[-1]
+    assert result.success, result.error
+    report = json.loads(run.resolve(result.artifacts["report"]).read_text())
+    assert set(report["codecs"]) == {"ternary", "int8"}
+    (src,) = run.phase_dir(0, "t_bitnet").glob("models/bitnet/*.safetensors")
+    original = load_file(src)
+    package = run.phase_dir(8, "compress") / "work" / "compress" / "quantize-ternary" / "package"
+    stored = load_state_dict(package)
+    meta = json.loads((package / "compression.json").read_text())["parameters"]
+    from phases.compression.ternary import is_ternary
+
+    ternary = [n for n, e in meta.items() if e.get("codec") == "ternary" and is_ternary(original[n])]
+    assert len(ternary) >= 10, ternary  # the attention, MLP and memory projections
+    for name in ternary:
+        assert torch.equal(stored[name], original[name]), name
+        rows, cols = original[name].shape
+        assert meta[name]["bits_per_weight"] == (-(-rows * cols // 5) * 8 + rows * 32) / (rows * cols), meta[name]
+    assert result.metrics["compression/ternary/ratio_vs_fp32"] > result.metrics["compression/int8/ratio_vs_fp32"]

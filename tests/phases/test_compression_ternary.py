@@ -201,17 +201,6 @@ def test_a_corrupted_packed_tensor_on_disk_is_an_artifact_error(ternary_package,
         package.load_state_dict(out)
 
 
-def _bitnet_like(model: torch.nn.Module) -> None:
-    """Every linear layer's weight ternarised in place by absmean, one scale per row (embeddings
-    and the LM head stay floating point, as in BitNet b1.58)."""
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
-                w = module.weight
-                s = w.abs().mean(dim=1, keepdim=True).clamp_min(1e-8)
-                w.copy_(torch.clamp(torch.round(w / s), -1, 1) * s)
-
-
 def test_a_bitnet_like_model_gets_the_ternary_codec_and_an_ordinary_one_does_not(tmp_path):
     from safetensors.torch import save_file
 
@@ -222,7 +211,8 @@ def test_a_bitnet_like_model_gets_the_ternary_codec_and_an_ordinary_one_does_not
 
     model = tiny_cognate()
     plain_share = ternary_share(dict(model.state_dict()))
-    _bitnet_like(model)
+    done = ternary.ternarize_linears(model)
+    assert done and not any("lm_head" in n for n in done)
     share = ternary_share(dict(model.state_dict()))
     assert plain_share < 0.1 and 0.5 <= share < 1.0, (plain_share, share)  # embeddings are not ternary
 
