@@ -90,6 +90,10 @@ def test_the_tiny_run_ends_in_a_compressed_model(reference_run):
     report = json.loads((run_dir / "08_compress" / "compression_report.json").read_text())
     assert set(report["stages"]) == {"prune", "distill"} and report["stages"]["prune"]["sparsity"] > 0.5
     assert "compression: Pareto front" in (run_dir / "report.html").read_text()
+    assert "compression: profile" in (run_dir / "report.html").read_text()
+    # the phase's metrics went to W&B (offline: the run's log holds the keys)
+    logs = [p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")]
+    assert any(b"compression/ratio_vs_fp32" in b and b"compression/retention" in b for b in logs)
 
 
 def test_status_json_reads_the_run(reference_run):
