@@ -23,6 +23,16 @@ Two equal computations (a test checks they agree): ``_explicit`` keeps M and the
 as (B, S, m) tensors, chunk by chunk; ``_dual`` uses that M starts at zero and every write
 is a_j^T e_j, so M is a weighted sum of past writes with scalar weights, and reads need
 only token-by-token kernels (like linear attention's dual form).
+
+Anchored reads (Quiet-STaR's parallel thoughts, ``phases/quietstar/mask.py``): with
+``anchors`` (T,), the first n_base tokens (``anchors[t] == t``) are the base sequence and the
+rest are thought tokens, each anchored at a base position ``anchors[t] < n_base``. Only the
+base tokens write, chunk by chunk as above, and they read exactly what they read without the
+thoughts; a thought token never writes and reads, with its own query, the state its anchor
+reads: M_{c-1}, c the anchor's chunk. So a thought sees nothing of its anchor's chunk or later
+chunks, and nothing of other thoughts. ``_explicit`` keeps each chunk's pre-write state and
+reads it for the thoughts grouped by chunk; ``_dual`` keeps the coefficients mu of every
+pre-write state, so a thought's read is one row of (B_th A^T * mu[chunk(anchor), chunk(u)]) E.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["associative_grad", "surprise", "memory_update", "TitansMemory"]
+__all__ = ["associative_grad", "surprise", "memory_update", "base_length", "TitansMemory"]
 
 
 def associative_grad(memory: torch.Tensor, address: torch.Tensor, values: torch.Tensor,
@@ -83,6 +93,32 @@ def memory_update(memory: torch.Tensor, momentum: torch.Tensor, grad: torch.Tens
     return (1.0 - alpha) * memory + momentum, momentum
 
 
+def base_length(anchors: torch.Tensor, seq_len: int) -> int:
+    """Length n_base of the base prefix of an anchored sequence, after validating ``anchors``.
+
+    Args:
+        anchors: (T,) integer tensor; ``anchors[t] == t`` for the base tokens 0..n_base-1 (a
+            prefix) and ``anchors[t]`` in [0, n_base) for every later (thought) token.
+        seq_len: T, the length of the sequence the anchors describe.
+    Returns:
+        n_base (>= 1).
+    Raises:
+        ValueError: ``anchors`` is not a (T,) integer tensor, or does not have that layout.
+    """
+    if not isinstance(anchors, torch.Tensor) or anchors.is_floating_point() or anchors.is_complex() \
+            or anchors.dtype == torch.bool or tuple(anchors.shape) != (seq_len,):
+        kind = (f"{anchors.dtype} tensor of shape {tuple(anchors.shape)}" if isinstance(anchors, torch.Tensor)
+                else type(anchors).__name__)
+        raise ValueError(f"anchors must be an integer tensor of shape ({seq_len},), got a {kind}")
+    is_base = anchors == torch.arange(seq_len, device=anchors.device)  # (T,)
+    n_base = int(is_base.long().cumprod(0).sum())  # length of the leading run of anchors[t] == t
+    later = anchors[n_base:]
+    if n_base == 0 or not bool(((later >= 0) & (later < n_base)).all()):
+        raise ValueError(f"anchors must be 0..n_base-1 (the base tokens) followed by anchors in [0, n_base); "
+                         f"got a base prefix of length {n_base} and later anchors {later.tolist()[:8]}...")
+    return n_base
+
+
 class TitansMemory(nn.Module):
     """Long-term memory block: normalise, write chunk by chunk, read by cross-attention.
 
@@ -116,21 +152,37 @@ class TitansMemory(nn.Module):
         return torch.softmax(F.normalize(x, dim=-1) @ F.normalize(self.slot_keys, dim=-1).T * self.scale, dim=-1)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None,
-                method: str | None = None) -> torch.Tensor:
+                method: str | None = None, anchors: torch.Tensor | None = None) -> torch.Tensor:
         """Memory read-out to add to the residual stream.
 
         Args:
             hidden: (B, T, C) residual stream.
             mask: optional (B, T) 1 for real tokens, 0 for padding.
             method: ``"explicit"``, ``"dual"`` or None (choose by cost).
+            anchors: optional (T,) base position of every token (see the module docstring):
+                only the base prefix writes; a thought token reads its anchor's state.
         Returns:
-            (B, T, C) the projected reads; a token reads the memory written by earlier chunks.
+            (B, T, C) the projected reads; a token reads the memory written by earlier chunks
+            (a thought token: by the chunks before its anchor's chunk).
+        Raises:
+            ValueError: bad ``anchors`` (see ``base_length``), or ``anchors`` with ``mask``.
         """
         bsz, seq, _ = hidden.shape
+        n_base = seq
+        if anchors is not None:
+            if mask is not None:
+                raise ValueError("TitansMemory: anchors with a padding mask are not supported")
+            n_base = base_length(anchors, seq)
+            anchors = anchors.to(hidden.device)
         x = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
-        write_addr = self._address(self.k_proj(x))  # (B, T, S)
+        writers = x if anchors is None else x[:, :n_base]  # only the base tokens write
+        write_addr = self._address(self.k_proj(writers))  # (B, n_base, S)
         read_addr = self._address(self.q_proj(x))  # (B, T, S)
-        values = self.v_proj(x)  # (B, T, m)
+        values = self.v_proj(writers)  # (B, n_base, m)
+        thoughts = {}
+        if anchors is not None:  # the thought tokens only read, each its anchor's pre-write state
+            thoughts = {"thought_addr": read_addr[:, n_base:], "thought_chunk": anchors[n_base:] // self.chunk_size}
+            x, read_addr, seq = writers, read_addr[:, :n_base], n_base
         tok = x.new_ones(bsz, seq) if mask is None else mask.to(x.dtype)  # (B, T)
         # Chunk gates: the mean over a chunk's real tokens of the per-token gates. (B, C, 3)
         chunks = -(-seq // self.chunk_size)
@@ -141,37 +193,51 @@ class TitansMemory(nn.Module):
         eta, theta, alpha = g[..., 0], g[..., 1] * self.max_lr, g[..., 2]  # (B, C) each
         # The dual form never builds the (B, S, m) state and is far faster on CPU (measured
         # 11x at T=256, S=8192, m=216); its (B, T, T) kernels bound it to moderate T.
-        if method is None:
-            method = "dual" if seq * seq <= 16 * write_addr.shape[-1] * values.shape[-1] else "explicit"
+        if method is None:  # (with thoughts, the dual's kernels are (n_base + thoughts, n_base))
+            total = seq + (thoughts["thought_addr"].shape[1] if thoughts else 0)
+            method = "dual" if seq * total <= 16 * write_addr.shape[-1] * values.shape[-1] else "explicit"
         run = {"dual": self._dual, "explicit": self._explicit}[method]
-        return self.o_proj(run(write_addr, read_addr, values, tok, eta, theta, alpha, count))  # (B, T, C)
+        return self.o_proj(run(write_addr, read_addr, values, tok, eta, theta, alpha, count, **thoughts))  # (B, T, C)
 
-    def _explicit(self, write_addr, read_addr, values, tok, eta, theta, alpha, count):
-        """Chunk by chunk with the memory as a (B, S, m) tensor: the formulas as written."""
+    def _explicit(self, write_addr, read_addr, values, tok, eta, theta, alpha, count,
+                  thought_addr=None, thought_chunk=None):
+        """Chunk by chunk with the memory as a (B, S, m) tensor: the formulas as written.
+        Thought reads (``thought_addr`` (B, Tt, S), ``thought_chunk`` (Tt,)) use the kept
+        pre-write state of their anchor's chunk."""
         bsz, seq, slots = write_addr.shape
         m = values.new_zeros(bsz, slots, values.shape[-1])  # (B, S, m) empty memory
         s = torch.zeros_like(m)  # momentum of the surprise
-        reads = []
+        reads, states = [], []
         for c, start in enumerate(range(0, seq, self.chunk_size)):
             sl = slice(start, start + self.chunk_size)
+            states.append(m)
             reads.append(read_addr[:, sl] @ m)  # (B, c, m): read before this chunk's write
             grad = associative_grad(m, write_addr[:, sl], values[:, sl], tok[:, sl])
             m, s = memory_update(m, s, grad, eta[:, c].view(-1, 1, 1), theta[:, c].view(-1, 1, 1),
                                  alpha[:, c].view(-1, 1, 1))
+        if thought_addr is not None:  # group the thoughts by chunk, read each group's state, undo the sort
+            order = torch.argsort(thought_chunk, stable=True)  # (Tt,)
+            sizes = torch.bincount(thought_chunk, minlength=len(states)).tolist()
+            groups = thought_addr[:, order].split(sizes, dim=1)
+            sorted_reads = torch.cat([g @ state for g, state in zip(groups, states)], dim=1)  # (B, Tt, m)
+            reads.append(sorted_reads[:, torch.argsort(order)])
         return torch.cat(reads, dim=1)  # (B, T, m)
 
-    def _dual(self, write_addr, read_addr, values, tok, eta, theta, alpha, count):
+    def _dual(self, write_addr, read_addr, values, tok, eta, theta, alpha, count,
+              thought_addr=None, thought_chunk=None):
         """The same recurrence in token space. M and S start at zero and every write adds
         a_j^T e_j (rank <= chunk), so M_c = sum_{j<=c} mu_{c,j} A_j^T E_j with scalar
         coefficients: sigma <- eta * sigma; sigma_c = -theta_c / n_c; mu <- (1 - alpha) mu + sigma.
-        Reads and errors then need only the kernels B A^T and A A^T over tokens."""
+        Reads and errors then need only the kernels B A^T and A A^T over tokens. A thought
+        read is B_t M_{c-1} for its anchor's chunk c, from the kept coefficients of M_{c-1}."""
         bsz, seq, _ = write_addr.shape
         k_aa = write_addr @ write_addr.transpose(1, 2)  # (B, T, T) a_t . a_u
         k_ba = read_addr @ write_addr.transpose(1, 2)  # (B, T, T) b_t . a_u
         sigma = mu = values.new_zeros(bsz, 0)  # (B, chunks written so far)
-        errors, reads = [], []
+        errors, reads, mus = [], [], []
         for c, start in enumerate(range(0, seq, self.chunk_size)):
             sl = slice(start, start + self.chunk_size)
+            mus.append(mu)
             if start:
                 weighted = torch.cat(errors, 1) * mu.repeat_interleave(self.chunk_size, 1).unsqueeze(-1)  # (B, t, m)
                 reads.append(k_ba[:, sl, :start] @ weighted)  # (B, c, m) = B_c M_{c-1}
@@ -182,4 +248,12 @@ class TitansMemory(nn.Module):
             errors.append((pred - values[:, sl]) * tok[:, sl].unsqueeze(-1))  # E_c, padding masked
             sigma = torch.cat([eta[:, c:c + 1] * sigma, -(theta[:, c] / count[:, c]).unsqueeze(1)], dim=1)
             mu = torch.cat([(1.0 - alpha[:, c:c + 1]) * mu, mu.new_zeros(bsz, 1)], dim=1) + sigma
+        if thought_addr is not None:
+            chunks = len(mus)
+            # mu_pre[:, c, j]: coefficient of chunk j's write in the state chunk c reads (0 for j >= c).
+            mu_pre = torch.stack([F.pad(v, (0, chunks - v.shape[1])) for v in mus], dim=1)  # (B, C, C)
+            token_chunk = torch.arange(seq, device=thought_chunk.device) // self.chunk_size  # (T,)
+            coef = mu_pre[:, thought_chunk][:, :, token_chunk]  # (B, Tt, T)
+            kernel = thought_addr @ write_addr.transpose(1, 2)  # (B, Tt, T) b_t . a_u
+            reads.append((kernel * coef) @ torch.cat(errors, 1))  # (B, Tt, m)
         return torch.cat(reads, dim=1)  # (B, T, m)

@@ -16,6 +16,11 @@ with ``AutoConfig`` / ``AutoModelForCausalLM``; after that ``from_pretrained(dir
 ``generate()`` work on every Cognate output directory without ``trust_remote_code``.
 Generation recomputes the whole prefix each step (no KV cache): per-token pondering and the
 chunked memory make cached states step-dependent, and tiny models do not need the speed.
+
+Parallel thoughts (Quiet-STaR, ``phases/quietstar/mask.py``): ``attention_mask`` may also be a
+boolean (B or 1, 1, T, T) mask (True = may attend), used as-is by every attention, with the
+caller's ``position_ids``; ``memory_anchors`` (T,) then keeps the memory from leaking across
+thoughts (only the base prefix writes; a thought reads its anchor's state, see ``memory.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .act import ACTPonder
-from .memory import TitansMemory
+from .memory import TitansMemory, base_length
 
 try:  # transformers >= 5: init helpers that respect already-loaded weights
     from transformers import initialization as _init
@@ -235,26 +240,47 @@ class CognateModel(CognatePreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
-        """Returns (hidden (B, T, C), ponder cost (B, T), ponder steps (B, T))."""
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                memory_anchors=None, **kwargs):
+        """Returns (hidden (B, T, C), ponder cost (B, T), ponder steps (B, T)).
+
+        ``attention_mask`` is None, a (B, T) padding mask, or a bool (B or 1, 1, T, T) mask used
+        as-is; ``memory_anchors`` (T,) is passed to the memory (see ``CognateForCausalLM``).
+
+        Raises:
+            ValueError: a mask of another shape or a non-bool 4-D mask; bad ``memory_anchors``;
+                ``memory_anchors`` with a (B, T) padding mask.
+        """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         bsz, seq = x.shape[:2]
-        if attention_mask is not None and bool(attention_mask.all()):
+        if attention_mask is not None and attention_mask.dim() not in (2, 4):
+            raise ValueError(f"attention_mask must be (B, T) or (B, 1, T, T), got shape {tuple(attention_mask.shape)}")
+        square = attention_mask is not None and attention_mask.dim() == 4  # used as-is
+        if square and (attention_mask.dtype != torch.bool or attention_mask.shape[1:] != (1, seq, seq)
+                       or attention_mask.shape[0] not in (1, bsz)):
+            raise ValueError(f"a 4-D attention_mask must be bool of shape ({bsz} or 1, 1, {seq}, {seq}), "
+                             f"got {attention_mask.dtype} of shape {tuple(attention_mask.shape)}")
+        if memory_anchors is not None:
+            if attention_mask is not None and not square:
+                raise ValueError("memory_anchors with a (B, T) padding mask is not supported; pass a 4-D "
+                                 "(B, 1, T, T) attention mask (e.g. phases.quietstar.mask.thought_attention_mask)")
+            base_length(memory_anchors, seq)  # validated even when the memory is disabled
+        if not square and attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing masked: take the fast causal path
         if position_ids is None:
-            position_ids = (torch.arange(seq, device=x.device).expand(bsz, seq) if attention_mask is None
+            position_ids = (torch.arange(seq, device=x.device).expand(bsz, seq) if attention_mask is None or square
                             else (attention_mask.long().cumsum(-1) - 1).clamp_min(0))  # left padding
         cos, sin = rotary_tables(position_ids, self.config.hidden_size // self.config.num_attention_heads,
                                  self.config.rotary_base, x.dtype)
-        attn_mask = None
-        if attention_mask is not None:
+        attn_mask = attention_mask if square else None
+        if attention_mask is not None and not square:
             causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
             eye = torch.eye(seq, dtype=torch.bool, device=x.device)  # a pad query still sees itself
             attn_mask = (causal & attention_mask.bool()[:, None, None, :]) | eye  # (B, 1, T, T)
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask)
         if self.config.memory_enabled:
-            x = x + self.memory(x, attention_mask)
+            x = x + self.memory(x, None if square else attention_mask, anchors=memory_anchors)
         cap = self.config.act_max_steps_train if self.training else self.config.act_max_steps_infer
         x, rho, steps = self.act(x, self.config.act_threshold, cap,
                                  block_kwargs={"cos": cos, "sin": sin, "attn_mask": attn_mask})
@@ -285,26 +311,37 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                labels=None, return_dict=None, **kwargs) -> CognateCausalLMOutput:
+                labels=None, return_dict=None, memory_anchors=None, **kwargs) -> CognateCausalLMOutput:
         """Causal LM forward. Cache arguments from ``generate`` are accepted and ignored.
 
         Args:
             input_ids: (B, T) token ids (or ``inputs_embeds`` (B, T, C)).
-            attention_mask: optional (B, T), 1 = token, 0 = padding (left padding supported).
-            position_ids: optional (B, T); by default derived from ``attention_mask``.
+            attention_mask: optional (B, T), 1 = token, 0 = padding (left padding supported);
+                or a bool (B or 1, 1, T, T) mask, True = may attend, used as-is by every
+                attention (e.g. ``phases.quietstar.mask.thought_attention_mask``); the ponder
+                statistics then average over all T tokens.
+            position_ids: optional (B, T); by default derived from a (B, T) ``attention_mask``,
+                else 0..T-1 (pass ``thought_position_ids`` with a thought mask).
             labels: optional (B, T); the loss is the HF-standard shifted cross-entropy
                 (-100 ignored).
+            memory_anchors: optional (T,) long, the base position of every token: 0..n_base-1
+                for the base prefix, then an anchor in [0, n_base) for each thought token
+                (``thought_layout``'s anchors). Only the base prefix writes the memory; a
+                thought reads the state its anchor reads. Not allowed with a (B, T) mask.
         Returns:
             CognateCausalLMOutput.
+        Raises:
+            ValueError: a bad ``attention_mask`` shape or 4-D dtype, or bad ``memory_anchors``.
         """
         hidden, rho, steps = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                        position_ids=position_ids, inputs_embeds=inputs_embeds)
+                                        position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                        memory_anchors=memory_anchors)
         logits = self.lm_head(hidden)  # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        if attention_mask is None:
+        if attention_mask is None or attention_mask.dim() == 4:
             ponder_cost, ponder_steps = rho.mean(), steps.float().mean()
         else:
             w = attention_mask.to(rho.dtype)
