@@ -84,7 +84,10 @@ def test_memory_model_exports_with_a_fixed_length_and_dynamic_batch(tmp_path):
         export.onnx_parity(model, path, _ids(1, 12))
 
 
+@pytest.mark.slow
 def test_the_dynamo_exporter_also_gives_a_matching_graph(tmp_path):
+    """Default-run sibling: test_onnx_export_matches_torch_at_any_batch_and_length (the
+    TorchScript exporter, which export_onnx tries first)."""
     model = tiny_cognate(seed=5)
     path = export.export_onnx(model, tmp_path / "dynamo.onnx", seq_len=8, opset=18, exporter="dynamo")
     assert _props(path)["agentforge.exporter"] == "dynamo"
