@@ -268,21 +268,13 @@ def _states(packages: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {c: load_state_dict(p["package"]) for c, p in packages.items()}
 
 
-def _assemble(recipe: dict[str, str], states: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The state dict of a recipe (codec per matrix): each matrix from that codec's package, the
-    rest from any package (they agree: float16)."""
-    state = dict(next(iter(states.values())))
+def _assemble(recipe: dict[str, str], by_codec: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A recipe (codec per matrix) put together from per-codec dicts (decompressed state dicts or
+    stored tensors): each matrix from its codec's, the rest from any (they agree: float16)."""
+    out = dict(next(iter(by_codec.values())))
     for name, codec in recipe.items():
-        state[name] = states[codec][name]
-    return state
-
-
-def _gather(recipe: dict[str, str], stored_by_codec: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The stored tensors of a recipe: each matrix from its codec's package, the rest from any."""
-    stored = dict(next(iter(stored_by_codec.values())))
-    for name, codec in recipe.items():
-        stored[name] = stored_by_codec[codec][name]
-    return stored
+        out[name] = by_codec[codec][name]
+    return out
 
 
 def _recipe_bits(recipe: dict[str, str], packages: dict[str, dict[str, Any]]) -> int:
@@ -374,7 +366,7 @@ class DeploymentPackager(_CompressionRole):
         search = inputs["search"]
         recipe = search["chosen"]["recipe"]
         packages = _packages(inputs)
-        stored = _gather(recipe, {c: load_stored(p["package"]) for c, p in packages.items()})
+        stored = _assemble(recipe, {c: load_stored(p["package"]) for c, p in packages.items()})
         src = next(iter(packages.values()))["source"]
         skeleton = load_hf(src)
         out = Path(payload["out"])
@@ -418,17 +410,15 @@ class PerformanceProfiler(_CompressionRole):
         for codec, v in packages.items():
             models[f"uniform-{codec}"] = (load_model(v["package"]), v["package"])
         stored_by_codec = {c: load_stored(p["package"]) for c, p in packages.items()}
-        hf_config = _hf_config(load_hf(next(iter(packages.values()))["source"]))
+        hf_config = _hf_config(models[f"uniform-{next(iter(packages))}"][0])  # the stage model's shape
         for trial in inputs["search"]["front"]:
             out = _task_dir(payload, task) / f"front-{trial['number']:03d}"
-            save_compressed(out, _gather(trial["recipe"], stored_by_codec), hf_config=hf_config,
+            save_compressed(out, _assemble(trial["recipe"], stored_by_codec), hf_config=hf_config,
                             manifest={"recipe": trial["recipe"], "trial": trial["number"]})
             models[f"front-{trial['number']:03d}"] = (load_model(out), out)
         models["compressed"] = (load_model(inputs["package"]["model"]), inputs["package"]["model"])
-        profiles = {}
-        for name, (model, path) in models.items():
-            prof = profile_model(model, windows, repeats=int(cfg["profile_repeats"]))
-            profiles[name] = prof
+        profiles = {name: profile_model(model, windows, repeats=int(cfg["profile_repeats"]))
+                    for name, (model, _) in models.items()}
         ratios = compare(profiles, "input")
         return {name: {**p.to_json(), "bytes_on_disk": bytes_on_disk(models[name][1]), **ratios.get(name, {})}
                 for name, p in profiles.items()}

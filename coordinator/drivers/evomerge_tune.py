@@ -117,20 +117,20 @@ class GenomeSearcher(Searcher):
             return None
         fitness = None if error or not result else result.get(self.metric)
         if fitness is None:
-            self.failed.append(genome.key())  # the trial crashed (after Tune's retries)
+            self.failed.append(key)  # the trial crashed (after Tune's retries)
             fitness = float("-inf")
         elif not math.isfinite(float(fitness)):
-            self.invalid.append(genome.key())  # it ran, but the child is broken (e.g. NaN weights)
+            self.invalid.append(key)  # it ran, but the child is broken (e.g. NaN weights)
             fitness = float("-inf")
-        self.evo.cache[genome.key()] = float(fitness)
+        self.evo.cache[key] = float(fitness)
         if result and isinstance(result.get("time/eval_s"), (int, float)):
             # (when the driver saw it, genome key, the trial's own merge + eval seconds):
             # timings for reports and benchmarks only, never for decisions
-            self.timings.append((time.perf_counter(), genome.key(), float(result["time/eval_s"])))
+            self.timings.append((time.perf_counter(), key, float(result["time/eval_s"])))
         if result and not error:  # finite numbers only: the details go into JSON checkpoints
-            self.details[genome.key()] = {k: float(v) for k, v in result.items()
-                                          if k.startswith(("objectives/", "terms/")) and isinstance(v, (int, float))
-                                          and math.isfinite(float(v))}
+            self.details[key] = {k: float(v) for k, v in result.items()
+                                 if k.startswith(("objectives/", "terms/")) and isinstance(v, (int, float))
+                                 and math.isfinite(float(v))}
         return genome
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:

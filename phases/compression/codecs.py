@@ -122,10 +122,6 @@ class Dense(StoredBits):
         return tuple(self.values.shape)
 
     @property
-    def numel(self) -> int:
-        return self.values.numel()
-
-    @property
     def total_bits(self) -> int:
         return self.values.numel() * self.values.element_size() * 8
 

@@ -9,7 +9,6 @@ scale (float16) and zero point (``b`` bits) are counted in :attr:`bits_per_weigh
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +27,6 @@ class RTNTensor(StoredBits):
     scales: torch.Tensor  # (rows, groups) float16
     zeros: torch.Tensor  # (rows, groups) uint8
     dtype: torch.dtype = torch.float32
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def total_bits(self) -> int:

@@ -101,10 +101,6 @@ class SeedLMTensor(StoredBits):
     dtype: torch.dtype = torch.float32
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def bits_per_block(self) -> int:
         return self.seed_bits + _EXP_BITS + _MANT_BITS * self.latent
 

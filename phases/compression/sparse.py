@@ -13,7 +13,6 @@ Choosing between sparse and dense storage (and the inner codec) is ``codecs.enco
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +32,6 @@ class SparseTensor(StoredBits):
     mask: torch.Tensor  # (numel,) bool: True where the weight was kept (nonzero)
     values: Any  # a stored tensor (Dense, RTNTensor, SeedLMTensor, ...) of shape (mask.sum(),)
     dtype: torch.dtype = torch.float32
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def nnz(self) -> int:

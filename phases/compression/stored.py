@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["StoredBits"]
 
 
 class StoredBits:
     """Mixin for the codecs' results: ``total_bits`` (every stored bit: codes, codebooks,
-    scales, seeds, padding) and ``numel`` (weights represented) give the rest."""
+    scales, seeds, padding) and ``shape`` (so ``numel``, the weights represented) give the rest."""
 
     total_bits: int
-    numel: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        """Weights represented: the product of ``shape``."""
+        return math.prod(self.shape)
 
     @property
     def bits_per_weight(self) -> float:

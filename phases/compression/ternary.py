@@ -101,10 +101,6 @@ class TernaryTensor(StoredBits):
     dtype: torch.dtype = torch.float32
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def scale_dtype(self) -> str:
         return next(k for k, v in SCALE_DTYPES.items() if v == self.scales.dtype)
 
@@ -118,8 +114,7 @@ class TernaryTensor(StoredBits):
         return unpack_trits(self.codes, self.numel).reshape(self.shape)
 
     def decompress(self) -> torch.Tensor:
-        rows, cols = _rows_cols(self.shape)
-        t = unpack_trits(self.codes, self.numel).reshape(rows, cols)
+        t = self.trits().reshape(_rows_cols(self.shape))
         # float32 products of a trit and a float32 scale are exact: +-s or 0
         w = t.to(torch.float32) * self.scales.to(torch.float32)[:, None]
         return w.reshape(self.shape).to(self.dtype)

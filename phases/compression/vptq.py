@@ -80,10 +80,6 @@ class VPTQTensor(StoredBits):
     dtype: torch.dtype = torch.float32
 
     @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
     def total_bits(self) -> int:
         n_vec = self.indices.numel()
         bits = n_vec * math.ceil(math.log2(len(self.codebook))) + self.codebook.numel() * 16
