@@ -264,7 +264,8 @@ class CognateModel(CognatePreTrainedModel):
             if attention_mask is not None and not square:
                 raise ValueError("memory_anchors with a (B, T) padding mask is not supported; pass a 4-D "
                                  "(B, 1, T, T) attention mask (e.g. phases.quietstar.mask.thought_attention_mask)")
-            base_length(memory_anchors, seq)  # validated even when the memory is disabled
+            if not self.config.memory_enabled:  # else the memory validates them
+                base_length(memory_anchors, seq)
         if not square and attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing masked: take the fast causal path
         if position_ids is None:
