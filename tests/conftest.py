@@ -31,12 +31,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray for one test module (2 CPUs, no dashboard), shut down afterwards."""
+    """A real local Ray for one test module (2 CPUs, no dashboard), shut down afterwards; always a
+    new instance (address "local"), never a cluster some other process left running."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, namespace="agentforge-tests", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="agentforge-tests", log_to_driver=False)
     yield ray
     ray.shutdown()
 
