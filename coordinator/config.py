@@ -23,6 +23,7 @@ from phases.cognate.config import CognateConfig
 from phases.compression.config import CompressConfig
 from phases.data.config import DataConfig, FrozenConfig, config_error
 from phases.evomerge.config import EvoMergeConfig
+from phases.quietstar.config import QuietStarConfig
 
 __all__ = [
     "PRESETS_DIR",
@@ -75,6 +76,7 @@ class PipelineConfig(FrozenConfig):
     data: DataConfig = DataConfig()
     cognate: CognateConfig = CognateConfig()
     evomerge: EvoMergeConfig = EvoMergeConfig()
+    quietstar: QuietStarConfig = QuietStarConfig()
     compress: CompressConfig = CompressConfig()
 
     def section(self, phase: str) -> BaseModel | None:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal
 from coordinator.config import PipelineConfig
 from coordinator.errors import AgentForgeError, ConfigError, PhaseError, PhaseNotBuiltError
 from coordinator.runfolder import ArtifactRef, PhaseResult, RunFolder, now_iso
+from serialization.checkpoint import atomic_write_json
 
 __all__ = [
     "PHASES",
@@ -65,6 +66,9 @@ class PhaseOutput:
     metrics: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, Path] = field(default_factory=dict)
     degraded: str | None = None
+    # Tables to read (name -> rows, each a dict with the same keys): written to the phase's
+    # tables.json, logged to W&B as wandb.Table and shown in report.html.
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -270,6 +274,9 @@ def _run_one(
         result.artifacts = {name: run.ref(p) for name, p in out.artifacts.items()}
         result.metrics = {k: _json_safe(v) for k, v in out.metrics.items()}
         result.degraded = out.degraded
+        if out.tables:
+            atomic_write_json(phase_dir / "tables.json", out.tables)
+            tracker.log_tables(out.tables)
         result.success = True
     except Exception as err:  # noqa: BLE001 - every failure becomes a recorded PhaseResult
         result.error = f"{type(err).__name__}: {err}"

@@ -158,6 +158,18 @@ def _profile_table(path: Path) -> str:
                             "latency vs input", "throughput vs input"]))
 
 
+def _tables(path: Path) -> str:
+    """A phase's ``tables.json`` (name -> rows of dicts, e.g. phase 3's sample thoughts) as tables."""
+    if not path.exists():
+        return ""
+    parts = []
+    for name, rows in json.loads(path.read_text()).items():
+        if rows:
+            columns = list(rows[0])
+            parts.append(f"<h3>{html.escape(name)}</h3>" + _table([[r.get(c) for c in columns] for r in rows], columns))
+    return "".join(parts)
+
+
 def build_report(run: RunFolder, out: Path | None = None) -> Path:
     """Write ``RUN/report.html`` (or ``out``) and return its path."""
     status = collect_status(run)
@@ -181,6 +193,7 @@ def build_report(run: RunFolder, out: Path | None = None) -> Path:
         parts.append(_plots(run.phase_dir(p["number"], p["phase"]) / "metrics.jsonl"))
         parts.append(_pareto_plot(run.phase_dir(p["number"], p["phase"]) / "pareto.json"))
         parts.append(_profile_table(run.phase_dir(p["number"], p["phase"]) / "timings.json"))
+        parts.append(_tables(run.phase_dir(p["number"], p["phase"]) / "tables.json"))
     if status["events"]:
         parts.append("<h2>Events</h2>")
         parts.append(_table([[e.get("at"), e.get("phase"), e.get("state"), e.get("reason") or e.get("error")]

@@ -90,6 +90,18 @@ class Tracker:
         if self._wb is not None:
             self._wb.log(scalars, step=step)
 
+    def log_tables(self, tables: dict[str, list[dict[str, Any]]]) -> None:
+        """Log tables of the running phase to W&B (name -> rows, each a dict with the same keys);
+        the pipeline also writes them to the phase's tables.json."""
+        if self._wb is None:
+            return
+        import wandb
+
+        for name, rows in tables.items():
+            columns = list(rows[0]) if rows else []
+            data = [[row.get(c) for c in columns] for row in rows]
+            self._wb.log({name: wandb.Table(columns=columns, data=data)}, step=self._step)
+
     def finish_phase(self, result: PhaseResult, run: RunFolder) -> None:
         """Summary metrics, model artifacts with aliases, then close the phase's W&B run."""
         if self._wb is None:

@@ -26,12 +26,13 @@ only token-by-token kernels (like linear attention's dual form).
 
 Anchored reads (Quiet-STaR's parallel thoughts, ``phases/quietstar/mask.py``): with
 ``anchors`` (T,), the first n_base tokens (``anchors[t] == t``) are the base sequence and the
-rest are thought tokens, each anchored at a base position ``anchors[t] < n_base``. Only the
-base tokens write, chunk by chunk as above, and they read exactly what they read without the
-thoughts; a thought token never writes and reads, with its own query, the state its anchor
-reads: M_{c-1}, c the anchor's chunk. So a thought sees nothing of its anchor's chunk or later
-chunks, and nothing of other thoughts. ``_explicit`` keeps each chunk's pre-write state and
-reads it for the thoughts grouped by chunk; ``_dual`` keeps the coefficients mu of every
+rest are thought tokens, each anchored at a base position ``anchors[t] < n_base``; ``anchors``
+(B, T) give every row its own thought layout over the same n_base (a (T,) layout serves every
+row). Only the base tokens write, chunk by chunk as above, and they read exactly what they read
+without the thoughts; a thought token never writes and reads, with its own query, the state its
+anchor reads: M_{c-1}, c the anchor's chunk. So a thought sees nothing of its anchor's chunk or
+later chunks, and nothing of other thoughts. ``_explicit`` keeps each chunk's pre-write state
+and reads it for the thoughts grouped by chunk; ``_dual`` keeps the coefficients mu of every
 pre-write state, so a thought's read is one row of (B_th A^T * mu[chunk(anchor), chunk(u)]) E.
 """
 
@@ -93,29 +94,46 @@ def memory_update(memory: torch.Tensor, momentum: torch.Tensor, grad: torch.Tens
     return (1.0 - alpha) * memory + momentum, momentum
 
 
-def base_length(anchors: torch.Tensor, seq_len: int) -> int:
+def base_length(anchors: torch.Tensor, seq_len: int, batch: int | None = None) -> int:
     """Length n_base of the base prefix of an anchored sequence, after validating ``anchors``.
 
     Args:
-        anchors: (T,) integer tensor; ``anchors[t] == t`` for the base tokens 0..n_base-1 (a
-            prefix) and ``anchors[t]`` in [0, n_base) for every later (thought) token.
+        anchors: (T,) or (B, T) integer tensor; in every row ``anchors[t] == t`` for the base
+            tokens 0..n_base-1 (a prefix) and ``anchors[t]`` in [0, n_base) for every later
+            (thought) token. All rows share n_base.
         seq_len: T, the length of the sequence the anchors describe.
+        batch: optional batch size B that (B, T) anchors must have (not checked for (T,)).
     Returns:
         n_base (>= 1).
     Raises:
-        ValueError: ``anchors`` is not a (T,) integer tensor, or does not have that layout.
+        ValueError: ``anchors`` is not a (T,) or (B, T) integer tensor, has another number of
+            rows than ``batch``, has rows with different base prefix lengths, or does not have
+            that layout.
     """
     if not isinstance(anchors, torch.Tensor) or anchors.is_floating_point() or anchors.is_complex() \
-            or anchors.dtype == torch.bool or tuple(anchors.shape) != (seq_len,):
+            or anchors.dtype == torch.bool or anchors.shape[-1:] != (seq_len,) or anchors.dim() not in (1, 2) \
+            or anchors.numel() == 0:
         kind = (f"{anchors.dtype} tensor of shape {tuple(anchors.shape)}" if isinstance(anchors, torch.Tensor)
                 else type(anchors).__name__)
-        raise ValueError(f"anchors must be an integer tensor of shape ({seq_len},), got a {kind}")
-    is_base = anchors == torch.arange(seq_len, device=anchors.device)  # (T,)
-    n_base = int(is_base.long().cumprod(0).sum())  # length of the leading run of anchors[t] == t
-    later = anchors[n_base:]
-    if n_base == 0 or not bool(((later >= 0) & (later < n_base)).all()):
+        raise ValueError(f"anchors must be an integer tensor of shape ({seq_len},) or (B, {seq_len}), got a {kind}")
+    if batch is not None and anchors.dim() == 2 and anchors.shape[0] != batch:
+        raise ValueError(f"anchors of shape {tuple(anchors.shape)} have {anchors.shape[0]} rows, but the batch "
+                         f"has {batch}")
+    rows = anchors.reshape(-1, seq_len)  # (B, T); one row for (T,)
+    is_base = rows == torch.arange(seq_len, device=anchors.device)  # (B, T)
+    lengths = is_base.long().cumprod(-1).sum(-1).tolist()  # per row: the leading run of anchors[t] == t
+    n_base = lengths[0]
+    for row, length in enumerate(lengths):
+        if length != n_base:
+            raise ValueError(f"every row of anchors must have the same base prefix length; row {row} has "
+                             f"{length}, row 0 has {n_base}")
+    later = rows[:, n_base:]  # (B, T - n_base)
+    in_range = ((later >= 0) & (later < n_base)).all(-1)  # (B,)
+    if n_base == 0 or not bool(in_range.all()):
+        row = int((~in_range).long().argmax())
+        where = f" in row {row}" if anchors.dim() == 2 else ""
         raise ValueError(f"anchors must be 0..n_base-1 (the base tokens) followed by anchors in [0, n_base); "
-                         f"got a base prefix of length {n_base} and later anchors {later.tolist()[:8]}...")
+                         f"got{where} a base prefix of length {n_base} and later anchors {later[row].tolist()[:8]}...")
     return n_base
 
 
@@ -159,21 +177,23 @@ class TitansMemory(nn.Module):
             hidden: (B, T, C) residual stream.
             mask: optional (B, T) 1 for real tokens, 0 for padding.
             method: ``"explicit"``, ``"dual"`` or None (choose by cost).
-            anchors: optional (T,) base position of every token (see the module docstring):
-                only the base prefix writes; a thought token reads its anchor's state.
+            anchors: optional (T,) or (B, T) base position of every token (see the module
+                docstring), (T,) for the same layout in every row: only the base prefix
+                writes; a thought token reads its anchor's state.
         Returns:
             (B, T, C) the projected reads; a token reads the memory written by earlier chunks
             (a thought token: by the chunks before its anchor's chunk).
         Raises:
-            ValueError: bad ``anchors`` (see ``base_length``), or ``anchors`` with ``mask``.
+            ValueError: bad ``anchors`` (see ``base_length``; (B, T) anchors need B rows), or
+                ``anchors`` with ``mask``.
         """
         bsz, seq, _ = hidden.shape
         n_base = seq
         if anchors is not None:
             if mask is not None:
                 raise ValueError("TitansMemory: anchors with a padding mask are not supported")
-            n_base = base_length(anchors, seq)
-            anchors = anchors.to(hidden.device)
+            n_base = base_length(anchors, seq, batch=bsz)
+            anchors = anchors.to(hidden.device, torch.long).expand(bsz, seq)  # (B, T), long for gather
         x = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
         writers = x if anchors is None else x[:, :n_base]  # only the base tokens write
         write_addr = self._address(self.k_proj(writers))  # (B, n_base, S)
@@ -181,7 +201,7 @@ class TitansMemory(nn.Module):
         values = self.v_proj(writers)  # (B, n_base, m)
         thoughts = {}
         if anchors is not None:  # the thought tokens only read, each its anchor's pre-write state
-            thoughts = {"thought_addr": read_addr[:, n_base:], "thought_chunk": anchors[n_base:] // self.chunk_size}
+            thoughts = {"thought_addr": read_addr[:, n_base:], "thought_chunk": anchors[:, n_base:] // self.chunk_size}
             x, read_addr, seq = writers, read_addr[:, :n_base], n_base
         tok = x.new_ones(bsz, seq) if mask is None else mask.to(x.dtype)  # (B, T)
         # Chunk gates: the mean over a chunk's real tokens of the per-token gates. (B, C, 3)
@@ -202,8 +222,10 @@ class TitansMemory(nn.Module):
     def _explicit(self, write_addr, read_addr, values, tok, eta, theta, alpha, count,
                   thought_addr=None, thought_chunk=None):
         """Chunk by chunk with the memory as a (B, S, m) tensor: the formulas as written.
-        Thought reads (``thought_addr`` (B, Tt, S), ``thought_chunk`` (Tt,)) use the kept
-        pre-write state of their anchor's chunk."""
+        Thought reads (``thought_addr`` (B, Tt, S), ``thought_chunk`` (B, Tt)) use the kept
+        pre-write state of their anchor's chunk: per chunk, every row's thoughts of that chunk,
+        padded to the largest such group over the rows, read its state in one batched product
+        (no padding when the rows share a layout)."""
         bsz, seq, slots = write_addr.shape
         m = values.new_zeros(bsz, slots, values.shape[-1])  # (B, S, m) empty memory
         s = torch.zeros_like(m)  # momentum of the surprise
@@ -215,12 +237,23 @@ class TitansMemory(nn.Module):
             grad = associative_grad(m, write_addr[:, sl], values[:, sl], tok[:, sl])
             m, s = memory_update(m, s, grad, eta[:, c].view(-1, 1, 1), theta[:, c].view(-1, 1, 1),
                                  alpha[:, c].view(-1, 1, 1))
-        if thought_addr is not None:  # group the thoughts by chunk, read each group's state, undo the sort
-            order = torch.argsort(thought_chunk, stable=True)  # (Tt,)
-            sizes = torch.bincount(thought_chunk, minlength=len(states)).tolist()
-            groups = thought_addr[:, order].split(sizes, dim=1)
-            sorted_reads = torch.cat([g @ state for g, state in zip(groups, states)], dim=1)  # (B, Tt, m)
-            reads.append(sorted_reads[:, torch.argsort(order)])
+        if thought_addr is not None and thought_addr.shape[1]:  # group each row's thoughts by chunk, read, unsort
+            thoughts = thought_chunk.shape[1]
+            order = torch.argsort(thought_chunk, dim=1, stable=True)  # (B, Tt)
+            sizes = torch.zeros(bsz, len(states), dtype=torch.long, device=thought_chunk.device)
+            sizes.scatter_add_(1, thought_chunk, torch.ones_like(thought_chunk))  # (B, C) thoughts per chunk
+            starts = sizes.cumsum(1) - sizes  # (B, C) where a row's group begins in its sorted order
+            widths = sizes.max(0).values.tolist()  # (C,) group width, padded over the rows
+            groups = []
+            for c, (width, state) in enumerate(zip(widths, states)):
+                if width:  # padding slots repeat a thought of the row; their reads are dropped below
+                    slot = (starts[:, c:c + 1] + torch.arange(width, device=order.device)).clamp_max(thoughts - 1)
+                    pick = order.gather(1, slot).unsqueeze(-1).expand(-1, -1, slots)  # (B, width, S)
+                    groups.append(thought_addr.gather(1, pick) @ state)  # (B, width, m)
+            offsets = torch.tensor([0] + widths[:-1], device=order.device).cumsum(0)  # (C,) group starts
+            rank = torch.argsort(order, dim=1)  # (B, Tt) each thought's place in its row's sorted order
+            where = offsets[thought_chunk] + rank - starts.gather(1, thought_chunk)  # (B, Tt)
+            reads.append(torch.cat(groups, dim=1).gather(1, where.unsqueeze(-1).expand(-1, -1, values.shape[-1])))
         return torch.cat(reads, dim=1)  # (B, T, m)
 
     def _dual(self, write_addr, read_addr, values, tok, eta, theta, alpha, count,
@@ -229,7 +262,8 @@ class TitansMemory(nn.Module):
         a_j^T e_j (rank <= chunk), so M_c = sum_{j<=c} mu_{c,j} A_j^T E_j with scalar
         coefficients: sigma <- eta * sigma; sigma_c = -theta_c / n_c; mu <- (1 - alpha) mu + sigma.
         Reads and errors then need only the kernels B A^T and A A^T over tokens. A thought
-        read is B_t M_{c-1} for its anchor's chunk c, from the kept coefficients of M_{c-1}."""
+        read is B_t M_{c-1} for its anchor's chunk c (``thought_chunk`` (B, Tt)), from the kept
+        coefficients of M_{c-1}."""
         bsz, seq, _ = write_addr.shape
         k_aa = write_addr @ write_addr.transpose(1, 2)  # (B, T, T) a_t . a_u
         k_ba = read_addr @ write_addr.transpose(1, 2)  # (B, T, T) b_t . a_u
@@ -253,7 +287,8 @@ class TitansMemory(nn.Module):
             # mu_pre[:, c, j]: coefficient of chunk j's write in the state chunk c reads (0 for j >= c).
             mu_pre = torch.stack([F.pad(v, (0, chunks - v.shape[1])) for v in mus], dim=1)  # (B, C, C)
             token_chunk = torch.arange(seq, device=thought_chunk.device) // self.chunk_size  # (T,)
-            coef = mu_pre[:, thought_chunk][:, :, token_chunk]  # (B, Tt, T)
+            rows = torch.arange(bsz, device=thought_chunk.device).unsqueeze(1)  # (B, 1)
+            coef = mu_pre[rows, thought_chunk][:, :, token_chunk]  # (B, Tt, C) -> (B, Tt, T)
             kernel = thought_addr @ write_addr.transpose(1, 2)  # (B, Tt, T) b_t . a_u
             reads.append((kernel * coef) @ torch.cat(errors, 1))  # (B, Tt, m)
         return torch.cat(reads, dim=1)  # (B, T, m)

@@ -19,8 +19,9 @@ chunked memory make cached states step-dependent, and tiny models do not need th
 
 Parallel thoughts (Quiet-STaR, ``phases/quietstar/mask.py``): ``attention_mask`` may also be a
 boolean (B or 1, 1, T, T) mask (True = may attend), used as-is by every attention, with the
-caller's ``position_ids``; ``memory_anchors`` (T,) then keeps the memory from leaking across
-thoughts (only the base prefix writes; a thought reads its anchor's state, see ``memory.py``).
+caller's ``position_ids``; ``memory_anchors`` (T,), or (B, T) for a layout per row, then keeps
+the memory from leaking across thoughts (only the base prefix writes; a thought reads its
+anchor's state, see ``memory.py``).
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ class CognateModel(CognatePreTrainedModel):
         """Returns (hidden (B, T, C), ponder cost (B, T), ponder steps (B, T)).
 
         ``attention_mask`` is None, a (B, T) padding mask, or a bool (B or 1, 1, T, T) mask used
-        as-is; ``memory_anchors`` (T,) is passed to the memory (see ``CognateForCausalLM``).
+        as-is; ``memory_anchors`` (T,) or (B, T) is passed to the memory (see ``CognateForCausalLM``).
 
         Raises:
             ValueError: a mask of another shape or a non-bool 4-D mask; bad ``memory_anchors``;
@@ -265,7 +266,7 @@ class CognateModel(CognatePreTrainedModel):
                 raise ValueError("memory_anchors with a (B, T) padding mask is not supported; pass a 4-D "
                                  "(B, 1, T, T) attention mask (e.g. phases.quietstar.mask.thought_attention_mask)")
             if not self.config.memory_enabled:  # else the memory validates them
-                base_length(memory_anchors, seq)
+                base_length(memory_anchors, seq, batch=bsz)
         if not square and attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing masked: take the fast causal path
         if position_ids is None:
@@ -325,14 +326,17 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
                 else 0..T-1 (pass ``thought_position_ids`` with a thought mask).
             labels: optional (B, T); the loss is the HF-standard shifted cross-entropy
                 (-100 ignored).
-            memory_anchors: optional (T,) long, the base position of every token: 0..n_base-1
-                for the base prefix, then an anchor in [0, n_base) for each thought token
-                (``thought_layout``'s anchors). Only the base prefix writes the memory; a
-                thought reads the state its anchor reads. Not allowed with a (B, T) mask.
+            memory_anchors: optional (T,) or (B, T) long, the base position of every token:
+                0..n_base-1 for the base prefix, then an anchor in [0, n_base) for each thought
+                token (``thought_layout``'s anchors). (T,) serves every row; (B, T) gives each
+                row its own layout, with the same n_base in every row. Only the base prefix
+                writes the memory; a thought reads the state its anchor reads. Not allowed with
+                a (B, T) mask.
         Returns:
             CognateCausalLMOutput.
         Raises:
-            ValueError: a bad ``attention_mask`` shape or 4-D dtype, or bad ``memory_anchors``.
+            ValueError: a bad ``attention_mask`` shape or 4-D dtype, or bad ``memory_anchors``
+                (see ``memory.base_length``; (B, T) anchors need B rows).
         """
         hidden, rho, steps = self.model(input_ids=input_ids, attention_mask=attention_mask,
                                         position_ids=position_ids, inputs_embeds=inputs_embeds,

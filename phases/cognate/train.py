@@ -13,17 +13,13 @@ different order with another thread count). Checkpoints (model + AdamW state + p
 records; safetensors + JSON, each written to a temp file and renamed) are taken every
 ``checkpoint_every`` steps; a restart resumes from the newest that verifies and ends with
 bit-identical weights. Output directories are byte-deterministic HF model dirs (a test
-compares their sha256 across processes). Checkpoint IO goes through ``serialization.checkpoint``.
+compares their sha256 across processes). Checkpoints are ``phases.training``'s train states.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
 import shutil
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +29,8 @@ import torch.nn.functional as F
 
 from coordinator.errors import ArtifactError, ConfigError, PhaseError
 from phases.data import TASK_KINDS, Corpus, TaskMix, Tokenizer, evaluate_perplexity, task_accuracy
-from serialization.checkpoint import atomic_write_json, load_tensors, publish_dir, read_json, save_tensors, sha256_file
+from phases.training import derived_seed, fingerprint, load_train_state, save_train_state, training_context
+from serialization.checkpoint import publish_dir, sha256_file
 
 from .config import CognateConfig
 from .modeling import CognateForCausalLM, CognateModelConfig
@@ -101,22 +98,6 @@ def build_model_config(cfg: CognateConfig, tokenizer: Tokenizer, variant: str | 
         bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
 
 
-@contextlib.contextmanager
-def _training_context(device: torch.device):
-    """Deterministic kernels on while training (restored after); HF progress bars off."""
-    from transformers.utils import logging as hf_logging
-
-    was_det, bars = torch.are_deterministic_algorithms_enabled(), hf_logging.is_progress_bar_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was_det)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def save_model_dir(model: CognateForCausalLM, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
     """Write an HF model dir (config.json, generation_config.json, model.safetensors, tokenizer
     files) atomically: into a sibling temp dir, fsync, then rename over ``out_dir``.
@@ -131,47 +112,6 @@ def save_model_dir(model: CognateForCausalLM, tokenizer: Tokenizer, out_dir: str
     model.save_pretrained(str(tmp))
     tokenizer.save(tmp, model_max_length=model.config.max_position_embeddings)
     return publish_dir(tmp, out_dir)
-
-
-def _save_checkpoint(work_dir: Path, step: int, model, opt, records: list, fingerprint: str) -> None:
-    tensors = {}
-    for name, p in model.named_parameters():
-        tensors[f"model/{name}"] = p.detach().clone()
-        for key, value in opt.state.get(p, {}).items():  # absent for parameters never updated
-            tensors[f"optim/{name}/{key}"] = value.detach().clone()
-    stem = work_dir / f"ckpt-{step:08d}"
-    sha = save_tensors(stem.with_suffix(".safetensors"), tensors)  # atomic, deterministic bytes
-    meta = {"format": 1, "step": step, "fingerprint": fingerprint, "tensors": stem.name + ".safetensors",
-            "sha256": sha, "records": records}
-    atomic_write_json(stem.with_suffix(".json"), meta)  # the commit point: written last
-    for old in sorted(work_dir.glob("ckpt-*.json"))[:-2]:  # keep the newest two
-        old.with_suffix(".safetensors").unlink(missing_ok=True)
-        old.unlink(missing_ok=True)
-
-
-def _load_checkpoint(work_dir: Path, model, opt, fingerprint: str) -> tuple[int, list] | None:
-    for path in sorted(work_dir.glob("ckpt-*.json"), reverse=True):
-        try:
-            meta = read_json(path)
-        except ArtifactError as err:
-            warnings.warn(f"{err}; trying an older checkpoint", stacklevel=2)
-            continue
-        if meta.get("fingerprint") != fingerprint:
-            raise PhaseError("cognate", f"{path} was written for a different config, seed, corpus or base "
-                                        "model; resume with the same inputs or use an empty work_dir")
-        try:
-            tensors = load_tensors(work_dir / meta["tensors"], expected_sha256=meta["sha256"])
-        except ArtifactError as err:  # missing, torn or altered: fall back to the previous one
-            warnings.warn(f"{err}; trying an older checkpoint", stacklevel=2)
-            continue
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(tensors[f"model/{name}"])
-                state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim/{name}/")}
-                if state:
-                    opt.state[p] = state
-        return int(meta["step"]), list(meta["records"])
-    return None
 
 
 def _optimizer(model: torch.nn.Module, cfg: CognateConfig) -> torch.optim.AdamW:
@@ -192,22 +132,13 @@ def _lr_at(cfg: CognateConfig, step: int, total: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _fingerprint(**parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def _data_seed(seed: int, tag: str | int) -> int:
-    code = tag if isinstance(tag, int) else int.from_bytes(hashlib.sha256(tag.encode()).digest()[:4], "big")
-    return int(np.random.SeedSequence([int(seed), code]).generate_state(1)[0])
-
-
 def _train(model, cfg: CognateConfig, corpus: Corpus, *, total: int, mix: TaskMix, seq_len: int, data_seed: int,
            work_dir: Path, fingerprint: str, stage: str, log: LogFn | None, progress: ProgressFn | None,
            device: torch.device) -> list[list[float]]:
     """Run (or resume) ``total`` steps. Returns per-step [cross-entropy, ponder cost, ponder steps]."""
     work_dir.mkdir(parents=True, exist_ok=True)
     opt = _optimizer(model, cfg)
-    resumed = _load_checkpoint(work_dir, model, opt, fingerprint)
+    resumed = load_train_state(work_dir, model, opt, fingerprint, phase="cognate")
     start, records = resumed if resumed else (0, [])
     if progress is not None and start:
         progress(start, total)
@@ -233,7 +164,7 @@ def _train(model, cfg: CognateConfig, corpus: Corpus, *, total: int, mix: TaskMi
             log({f"{stage}/loss": records[-1][0], f"{stage}/ponder_cost": records[-1][1],
                  f"{stage}/ponder_steps": records[-1][2], f"{stage}/lr": lr}, done)
         if done % cfg.checkpoint_every == 0 or done == total:
-            _save_checkpoint(work_dir, done, model, opt, records, fingerprint)
+            save_train_state(work_dir, done, model, opt, records, fingerprint)
         if progress is not None:
             progress(done, total)
     return records
@@ -288,15 +219,15 @@ def warmup(cfg: CognateConfig, corpus: Corpus, *, seed: int, work_dir: Path, out
     dev = torch.device(device)
     _check_context(cfg, corpus, corpus.config.seq_len)
     hf_cfg = build_model_config(cfg, corpus.tokenizer)
-    fp = _fingerprint(stage="warmup", seed=seed, corpus=corpus.fingerprint, model=hf_cfg.to_dict(),
+    fp = fingerprint(stage="warmup", seed=seed, corpus=corpus.fingerprint, model=hf_cfg.to_dict(),
                       cfg=cfg.model_dump(mode="json", exclude=_NOT_TRAINING | {"steps", "variants"}))
-    with _training_context(dev):
+    with training_context(dev):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = CognateForCausalLM(hf_cfg)
         model.to(dev)
         records = _train(model, cfg, corpus, total=cfg.warmup_steps, mix=cfg.warmup_mix,
-                         seq_len=corpus.config.seq_len, data_seed=_data_seed(seed, _WARMUP_TAG),
+                         seq_len=corpus.config.seq_len, data_seed=derived_seed(seed, _WARMUP_TAG),
                          work_dir=Path(work_dir), fingerprint=fp, stage="warmup", log=log, progress=progress,
                          device=dev)
         model.to("cpu")
@@ -345,14 +276,14 @@ def specialize(variant: str, base_dir: Path, cfg: CognateConfig, corpus: Corpus,
     diff = [k for k in shape_keys if getattr(base_cfg, k, None) != getattr(hf_cfg, k)]
     if diff:
         raise PhaseError("cognate", f"base model {base_dir} differs from the config in {', '.join(diff)}")
-    fp = _fingerprint(stage=variant, seed=seed, corpus=corpus.fingerprint, model=hf_cfg.to_dict(),
+    fp = fingerprint(stage=variant, seed=seed, corpus=corpus.fingerprint, model=hf_cfg.to_dict(),
                       base=sha256_file(base_dir / "model.safetensors"), variant=vcfg.model_dump(mode="json"),
                       cfg=cfg.model_dump(mode="json", exclude=_NOT_TRAINING | {"warmup_steps", "warmup_mix",
                                                                               "base_act_threshold", "variants"}))
-    with _training_context(dev):
+    with training_context(dev):
         model = CognateForCausalLM.from_pretrained(str(base_dir), config=hf_cfg).to(dev)
         records = _train(model, cfg, corpus, total=cfg.steps, mix=vcfg.mix, seq_len=seq_len,
-                         data_seed=_data_seed(seed, variant), work_dir=Path(work_dir), fingerprint=fp,
+                         data_seed=derived_seed(seed, variant), work_dir=Path(work_dir), fingerprint=fp,
                          stage="training", log=log, progress=progress, device=dev)
         model.to("cpu")
         save_model_dir(model, corpus.tokenizer, out_dir)

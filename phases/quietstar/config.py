@@ -42,7 +42,9 @@ class QuietStarConfig(FrozenConfig):
 
     # -- loss ------------------------------------------------------------------------------------
     # Weight of the policy-gradient term (the reference's policy_loss_beta; large because the
-    # per-token log-likelihood gains that form the reward are tiny).
+    # per-token log-likelihood gains that form the reward are tiny). It goes with the
+    # reference's lr 1e-6: at lr 1e-3 on a small model it dominates the clipped gradient and
+    # ruins the LM (benchmarks/quietstar.py; the tiny preset uses 1).
     policy_weight: float = Field(1e6, ge=0.0)
     # loss = w * NLL(no thought) + (1 - w) * NLL(true tokens after the thought) + policy term
     # (the reference's original_loss_weight).
@@ -54,16 +56,45 @@ class QuietStarConfig(FrozenConfig):
 
     # -- where thoughts go -----------------------------------------------------------------------
     # "all": a thought after every token (the paper); "hard": only at the hard_fraction of
-    # positions where the base model's loss is highest.
+    # positions where the base model's loss (in training; its entropy at inference) is highest,
+    # so that only those positions cost thought tokens.
     injection: Literal["all", "hard"] = "all"
     hard_fraction: float = Field(0.1, gt=0.0, le=1.0)  # used only with injection "hard"
-    # Optional filter against incoherent thoughts: the minimum mean per-token log-probability
-    # (under the model, at temperature 1) a sampled thought must have to be kept; it is a
-    # log-probability, so <= 0. None: keep every thought.
-    coherence_threshold: float | None = Field(None, le=0.0)
+    # Threshold filter on the coherence score in [0, 1] (coherence.py says how it is computed;
+    # the reference analysis filters below 0.5). A filtered thought adds nothing to the talk
+    # loss or the policy gradient. None: keep every thought (the paper); scores are still logged.
+    coherence_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    context_window: int = Field(16, ge=1)  # tokens up to the anchor that semantic similarity compares with
+
+    # -- start/end-of-thought tokens -------------------------------------------------------------
+    start_token: str = "<|startthought|>"
+    end_token: str = "<|endthought|>"
+    # Their embeddings start as the mean embedding of this text's tokens (the reference: "---")
+    # and are stored divided by embedding_scale, which multiplies their effective learning rate.
+    delimiter_init: str = "---"
+    embedding_scale: float = Field(100.0, gt=0.0)
+
+    # -- training (the reference: AdamW lr 1e-6, wd 0.001, warm-up 20, clip 1.0, batch 8) -------
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int | None = Field(None, ge=2)  # None: the data section's seq_len
+    lr: float = Field(1e-6, gt=0.0)
+    weight_decay: float = Field(0.001, ge=0.0)
+    lr_warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0: off
+    checkpoint_every: int = Field(100, ge=1)  # the reference analysis: every 100 steps
+    log_every: int = Field(10, ge=1)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    eval_batches: int = Field(4, ge=1)  # held-out batches for the loss with and without thoughts
+    eval_tasks: int = Field(32, ge=0)  # held-out tasks per kind (0: skip)
+    sample_thoughts: int = Field(8, ge=0)  # rows of the sample-thought table in W&B and the report
 
     @model_validator(mode="after")
     def _check(self) -> QuietStarConfig:
+        if self.seq_len is not None and self.seq_len <= self.n_true:
+            raise ValueError(f"seq_len ({self.seq_len}) must exceed n_true ({self.n_true}): a thought needs "
+                             "n_true true tokens after its position")
         if self.n_thoughts == 1 and self.policy_weight > 0:
             raise ValueError(
                 "n_thoughts = 1 makes every advantage 0 (the baseline is the mean over a position's "

@@ -65,11 +65,13 @@ def baseline_subtract(r: torch.Tensor) -> torch.Tensor:
 
 
 def _position_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A (B, L) position mask laid out as (B, 1, L, 1, ...) to broadcast with ``like`` (B, N, L, ...);
-    any other shape is returned as is, to broadcast by the usual rules. Returns a float 0/1 mask
-    of ``like``'s full shape."""
+    """A (B, L) per-position mask laid out as (B, 1, L, 1, ...), or a (B, N, L) per-thought mask
+    as (B, N, L, 1, ...), to broadcast with ``like`` (B, N, L, ...). Returns a float 0/1 mask of
+    ``like``'s full shape."""
     if mask.dim() == 2 and like.dim() >= 3:
         mask = mask.reshape(mask.shape[0], 1, mask.shape[1], *([1] * (like.dim() - 3)))
+    elif mask.dim() == 3 and like.dim() > 3:
+        mask = mask.reshape(*mask.shape, *([1] * (like.dim() - 3)))
     return mask.to(like.dtype).expand_as(like)
 
 
@@ -90,8 +92,9 @@ def policy_loss(advantages: torch.Tensor, thought_logprobs: torch.Tensor, *, rem
         thought_logprobs: (B, N, L) log pi of each thought: the sum over its sampled tokens of
             log_softmax(logits / reinforce_temperature) (see ``thought_logprob``).
         remove_negative: clamp negative advantages to 0 (only helpful thoughts are reinforced).
-        mask: optional (B, L) (or broadcastable to (B, N, L)); True / 1 = the position has a
-            thought. The mean runs over the unmasked entries; with none, the loss is 0.
+        mask: optional (B, L) per position or (B, N, L) per thought; True / 1 = counts (the
+            position has a thought, the thought passed the filter). The mean runs over the
+            unmasked entries; with none, the loss is 0.
     Returns:
         0-d loss; its gradient flows to ``thought_logprobs`` only.
     Raises:
@@ -146,8 +149,8 @@ def quietstar_loss(nll_base_next: torch.Tensor, nll_talk: torch.Tensor, advantag
         advantages: (B, N, L) baseline-subtracted rewards (detached inside).
         thought_logprobs: (B, N, L) log pi of each thought.
         cfg: supplies base_loss_weight, policy_weight, remove_negative_rewards.
-        mask: optional (B, L); True / 1 = the position has a thought. Restricts the means of
-            nll_talk and of the policy term (and reward_mean) to those positions.
+        mask: optional (B, L) per position or (B, N, L) per thought; True / 1 = counts.
+            Restricts the means of nll_talk and of the policy term (and reward_mean) to those.
     Returns:
         ``{"loss": total (with gradient), "base_nll", "talk_nll", "policy_loss", "reward_mean"}``,
         the parts detached; reward_mean is the mean advantage that weights the policy gradient

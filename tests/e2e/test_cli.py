@@ -114,7 +114,8 @@ def test_sigkill_mid_search_then_resume_gives_identical_hashes(reference_run, tm
     tests/coordinator/test_compress_phase.py)."""
     run_dir, _ = reference_run
     killed = tmp_path / "killed"
-    shutil.copytree(run_dir, killed, ignore=shutil.ignore_patterns("02_evomerge", "08_compress", "wandb", "report.html"))
+    shutil.copytree(run_dir, killed, ignore=shutil.ignore_patterns("02_evomerge", "03_quietstar", "08_compress", "wandb",
+                                                          "report.html"))
     state = killed / "02_evomerge" / "work" / "evolution.json"
     proc = subprocess.Popen([*agentforge_cmd(), "resume", str(killed), "--wandb", "disabled"],
                             cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -133,8 +134,8 @@ def test_sigkill_mid_search_then_resume_gives_identical_hashes(reference_run, tm
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert re.search(r"phase 1 cognate: skipped, result and \d+ artifact\(s\) verified", resumed.stderr)
     assert "evomerge: resuming after generation" in resumed.stderr
-    assert not (killed / "08_compress" / "result.json").exists(), "--until evomerge stops after phase 2"
-    reference = {k: v for k, v in _model_hashes(run_dir).items() if not k.startswith("08_compress")}
+    assert not (killed / "03_quietstar" / "result.json").exists(), "--until evomerge stops after phase 2"
+    reference = {k: v for k, v in _model_hashes(run_dir).items() if not k.startswith(("03_quietstar", "08_compress"))}
     assert _model_hashes(killed) == reference, "resumed run must equal the uninterrupted one bit for bit"
 
 
@@ -170,7 +171,7 @@ def test_resume_until_a_phase_not_in_the_run_names_the_runs_phases(reference_run
     before = _model_hashes(run_dir)
     code, err = _main_in_process(["resume", str(run_dir), "--until", "bitnet"], run_dir.parent, capsys, monkeypatch)
     assert code == 2
-    assert "--until 'bitnet'" in err and "1 cognate, 2 evomerge, 8 compress" in err
+    assert "--until 'bitnet'" in err and "1 cognate, 2 evomerge, 3 quietstar, 8 compress" in err
     assert _model_hashes(run_dir) == before
 
 

@@ -144,6 +144,108 @@ def test_anchored_dual_form_equals_the_explicit_form():
     torch.testing.assert_close(memory(hidden, method="dual", anchors=anchors), explicit, rtol=1e-10, atol=1e-12)
 
 
+# ---------------------------------------------------------------- a thought layout per row
+
+def _row_layout(chains: list[int]) -> dict:
+    """One row's extended sequence with a chain of STEPS thought tokens anchored at each of
+    ``chains`` (in that order): anchors (T,), bool mask (T, T), positions (T,), as in
+    ``phases/quietstar/mask.py`` (a thought sees its anchor's causal prefix and its own chain)."""
+    n = len(chains)
+    anchors = torch.cat([torch.arange(L), torch.tensor(chains).repeat(STEPS)])
+    depth = torch.cat([torch.zeros(L, dtype=torch.long), torch.arange(1, STEPS + 1).repeat_interleave(n)])
+    chain = torch.cat([torch.full((L,), -1), torch.arange(n).repeat(STEPS)])
+    sees_base = (depth[None, :] == 0) & (anchors[None, :] <= anchors[:, None])
+    sees_own_chain = (depth[None, :] > 0) & (chain[None, :] == chain[:, None]) & (depth[None, :] <= depth[:, None])
+    return {"anchors": anchors, "mask": sees_base | sees_own_chain, "positions": anchors + depth}
+
+
+# Two rows, L chains each: the paper's layout, and one whose thoughts fall unevenly on the memory
+# chunks (per chunk 1, 3, 2 chains instead of 2, 2, 2) and in another order.
+ROW_CHAINS = [list(range(L)), [5, 5, 2, 0, 3, 3]]
+
+
+def _batched_extended(seed: int = 1) -> dict:
+    """Extended-sequence inputs of len(ROW_CHAINS) rows with per-row (B, T) anchors."""
+    rows = [_row_layout(chains) for chains in ROW_CHAINS]
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, 256, (len(rows), L * (1 + STEPS)), generator=g),
+            "attention_mask": torch.stack([r["mask"] for r in rows])[:, None],
+            "position_ids": torch.stack([r["positions"] for r in rows]),
+            "memory_anchors": torch.stack([r["anchors"] for r in rows])}
+
+
+def _row(ext: dict, b: int) -> dict:
+    """Row b of ``_batched_extended`` as a batch of one with (T,) anchors."""
+    return {"input_ids": ext["input_ids"][b:b + 1], "attention_mask": ext["attention_mask"][b:b + 1],
+            "position_ids": ext["position_ids"][b:b + 1], "memory_anchors": ext["memory_anchors"][b]}
+
+
+def _random_memory(chunk_size: int) -> TitansMemory:
+    torch.manual_seed(0)
+    memory = TitansMemory(hidden_size=16, slots=12, dim=8, chunk_size=chunk_size, max_lr=1.0).double()
+    torch.nn.init.normal_(memory.slot_keys)
+    torch.nn.init.normal_(memory.o_proj.weight)
+    return memory
+
+
+def test_row_layout_of_every_position_is_thought_layout():
+    ref = _row_layout(list(range(L)))
+    assert torch.equal(ref["anchors"], thought_layout(L, STEPS)[0])
+    assert torch.equal(ref["mask"], thought_attention_mask(L, STEPS))
+    assert torch.equal(ref["positions"], thought_position_ids(L, STEPS))
+
+
+@pytest.mark.parametrize("method", ["explicit", "dual"])
+def test_per_row_anchored_memory_reads_equal_each_row_alone(method):
+    memory = _random_memory(chunk_size=4)
+    # 13 base tokens (a ragged last chunk), then 17 thoughts per row, anchored independently per row
+    g = torch.Generator().manual_seed(3)
+    anchors = torch.cat([torch.arange(13).expand(3, 13), torch.randint(0, 13, (3, 17), generator=g)], dim=1)
+    anchors[2, 13:] = 12  # one row with every thought in the last chunk: uneven chunk groups
+    hidden = torch.randn(3, anchors.shape[1], 16, dtype=torch.float64)
+    out = memory(hidden, method=method, anchors=anchors)
+    for b in range(3):
+        alone = memory(hidden[b:b + 1], method=method, anchors=anchors[b])
+        torch.testing.assert_close(out[b:b + 1], alone, rtol=1e-10, atol=1e-12)
+    other = {"explicit": "dual", "dual": "explicit"}[method]
+    torch.testing.assert_close(memory(hidden, method=other, anchors=anchors), out, rtol=1e-10, atol=1e-12)
+    # the rows' layouts matter: row 1 read with row 0's anchors differs
+    assert not torch.allclose(memory(hidden[1:2], method=method, anchors=anchors[0])[:, 13:], out[1:2, 13:])
+
+
+def test_per_row_anchors_give_each_row_its_logits_alone():
+    model = _model()
+    ext = _batched_extended()
+    with torch.no_grad():
+        logits = model(**ext).logits
+        for b in range(len(ROW_CHAINS)):
+            torch.testing.assert_close(logits[b:b + 1], model(**_row(ext, b)).logits, rtol=0, atol=1e-5)
+        # the per-row memory layout matters: row 1 with row 0's anchors reads other states
+        swapped = dict(_row(ext, 1), memory_anchors=ext["memory_anchors"][0])
+        assert not torch.allclose(model(**swapped).logits[:, L:], logits[1:2, L:], atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["explicit", "dual"])
+def test_shared_anchors_equal_the_same_anchors_per_row(method):
+    memory = _random_memory(chunk_size=CHUNK)
+    anchors = thought_layout(L, STEPS)[0]
+    hidden = torch.randn(2, anchors.shape[0], 16, dtype=torch.float64)
+    shared = memory(hidden, method=method, anchors=anchors)
+    torch.testing.assert_close(memory(hidden, method=method, anchors=anchors.expand(2, -1)), shared, rtol=0, atol=0)
+    torch.testing.assert_close(memory(hidden, method=method, anchors=anchors.repeat(2, 1)), shared, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_shared_anchors_equal_the_same_anchors_per_row_in_the_model(memory):
+    model = _model(memory_enabled=memory)
+    ext = _extended()
+    ext.update(input_ids=torch.randint(0, 256, (2, L * (1 + STEPS))))
+    with torch.no_grad():
+        shared = model(**ext).logits
+        per_row = model(**dict(ext, memory_anchors=ext["memory_anchors"].repeat(2, 1))).logits
+    torch.testing.assert_close(per_row, shared, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- the existing paths and errors
 
 @pytest.mark.parametrize("memory", [False, True])
@@ -169,6 +271,8 @@ def _bad_calls():
     out_of_range[-1] = L  # a thought anchored at a thought
     negative = anchors.clone()
     negative[-1] = -1
+    shorter_base = anchors.clone()
+    shorter_base[L - 1] = 0  # row 1's base prefix is 0..L-2
     return {
         "float 4-D mask": ({"attention_mask": mask.float()}, r"bool of shape"),
         "wrong T": ({"attention_mask": mask[..., :-1, :-1]}, r"1, 1, 23, 23"),
@@ -182,6 +286,14 @@ def _bad_calls():
         "negative anchor": ({"attention_mask": mask, "memory_anchors": negative}, r"\[0, n_base\)"),
         "padding mask with anchors": ({"attention_mask": torch.ones(1, T, dtype=torch.long),
                                        "memory_anchors": anchors}, r"padding mask"),
+        "3-D anchors": ({"attention_mask": mask, "memory_anchors": anchors.expand(1, 2, T)}, r"or \(B, 24\)"),
+        "rows with other base prefixes": ({"attention_mask": mask,
+                                           "memory_anchors": torch.stack([anchors, shorter_base])},
+                                          r"same base prefix length; row 1 has 5, row 0 has 6"),
+        "anchor rows != batch": ({"attention_mask": mask, "memory_anchors": anchors.expand(3, T)},
+                                 r"3 rows, but the batch has 2"),
+        "one row with a bad anchor": ({"attention_mask": mask, "memory_anchors": torch.stack([anchors, out_of_range])},
+                                      r"\[0, n_base\); got in row 1 a base prefix of length 6"),
     }
 
 
