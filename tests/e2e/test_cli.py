@@ -82,7 +82,7 @@ def test_the_tiny_run_ends_in_a_compressed_model(reference_run):
     assert result["success"], result["error"]
     m = result["metrics"]
     model = load_model(run_dir / result["model"]["path"])
-    assert model.config.vocab_size == 258
+    assert model.config.vocab_size == 260  # the byte vocabulary + phase 3's start/end-of-thought tokens
     assert m["compression/ratio_vs_fp32"] > 4 and m["compression/gate_passed"] is True
     for codec in ("int8", "int4", "vptq", "seedlm"):
         assert f"compression/{codec}/ratio_vs_fp32" in m and f"compression/{codec}/retention" in m, codec
@@ -94,6 +94,27 @@ def test_the_tiny_run_ends_in_a_compressed_model(reference_run):
     # the phase's metrics went to W&B (offline: the run's log holds the keys)
     logs = [p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")]
     assert any(b"compression/ratio_vs_fp32" in b and b"compression/retention" in b for b in logs)
+
+
+def test_the_tiny_run_trains_thoughts(reference_run):
+    """Phase 3 on the README run: a thought model that loads, measured metrics, and the sample
+    thoughts as a table in the report and in the offline W&B run."""
+    import torch
+
+    from phases.quietstar.model import load_thought_model
+
+    run_dir, _ = reference_run
+    result = json.loads((run_dir / "03_quietstar" / "result.json").read_text())
+    assert result["success"], result["error"]
+    m = result["metrics"]
+    assert m["quietstar/steps"] == 40 and m["quietstar/injection_points"] == 15
+    for key in ("eval_loss_input", "eval_loss_base", "eval_loss_thought", "thought_coherence_avg"):
+        assert 0 < m[f"quietstar/{key}"] < 10, key
+    model, tokenizer = load_thought_model(run_dir / result["model"]["path"])
+    ids, thoughts = model.generate_with_thoughts(torch.tensor([tokenizer.encode("The ")]), max_new_tokens=3)
+    assert ids.shape == (1, len(tokenizer.encode("The ")) + 3) and len(thoughts) == 3
+    assert "<h3>thought_examples</h3>" in (run_dir / "report.html").read_text()
+    assert list((run_dir / "wandb").glob("offline-run-*/files/media/table/thought_examples_*.table.json"))
 
 
 def test_status_json_reads_the_run(reference_run):
