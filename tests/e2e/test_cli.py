@@ -3,6 +3,7 @@ SIGKILL mid-run then resume with equal hashes, status/report, and clear failures
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -97,8 +98,9 @@ def test_the_tiny_run_ends_in_a_compressed_model(reference_run):
 
 
 def test_the_tiny_run_trains_thoughts(reference_run):
-    """Phase 3 on the README run: a thought model that loads, measured metrics, and the sample
-    thoughts as a table in the report and in the offline W&B run."""
+    """Phase 3 on the README run (its driver on the embedded Ray): a thought model that loads and
+    generates, measured metrics every 5 steps, and the sample thoughts in tables.json, the
+    report and the offline W&B run."""
     import torch
 
     from phases.quietstar.model import load_thought_model
@@ -113,8 +115,16 @@ def test_the_tiny_run_trains_thoughts(reference_run):
     model, tokenizer = load_thought_model(run_dir / result["model"]["path"])
     ids, thoughts = model.generate_with_thoughts(torch.tensor([tokenizer.encode("The ")]), max_new_tokens=3)
     assert ids.shape == (1, len(tokenizer.encode("The ")) + 3) and len(thoughts) == 3
-    assert "<h3>thought_examples</h3>" in (run_dir / "report.html").read_text()
-    assert list((run_dir / "wandb").glob("offline-run-*/files/media/table/thought_examples_*.table.json"))
+    phase_dir = run_dir / "03_quietstar"
+    rows = json.loads((phase_dir / "tables.json").read_text())["thought_examples"]
+    assert len(rows) == 8 and json.loads((phase_dir / "quietstar_thought_examples.json").read_text()) == rows
+    history = [json.loads(line) for line in (phase_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == list(range(5, 41, 5)) and "quietstar/mixing_weight_alpha" in history[0]
+    report = (run_dir / "report.html").read_text()
+    assert "<h3>thought_examples</h3>" in report and all(html.escape(r["next_tokens"]) in report for r in rows)
+    (table,) = (run_dir / "wandb").glob("offline-run-*/files/media/table/thought_examples_*.table.json")
+    logged = json.loads(table.read_text())
+    assert set(logged["columns"]) == set(rows[0]) and len(logged["data"]) == 8
 
 
 def test_status_json_reads_the_run(reference_run):

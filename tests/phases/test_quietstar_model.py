@@ -1,6 +1,6 @@
 """Quiet-STaR over real models (phases/quietstar/model.py, coherence.py, evaluate.py): chains on
 the extended sequence compute exactly what a plain forward of their own text computes, on a
-Cognate model and on an HF Llama; no chain sees another (gradients); the mixing head at its
+Cognate model, an HF Llama and an HF GPT-2; no chain sees another (gradients); the mixing head at its
 initial value gives the base model bit for bit; delimiters never appear inside a thought;
 hard injection; coherence scores and the filter; save/load; generation with thoughts."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from coordinator.errors import ArtifactError
 from phases.cognate.modeling import CognateForCausalLM, CognateModelConfig
@@ -47,7 +47,13 @@ def _ids(rows: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
-MODELS = {"cognate": _cognate, "llama": _llama}
+def _gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+MODELS = {"cognate": _cognate, "llama": _llama, "gpt2": _gpt2}  # rotary and learned absolute positions
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
