@@ -85,6 +85,11 @@ class QuietStarConfig(FrozenConfig):
     checkpoint_every: int = Field(100, ge=1)  # the reference analysis: every 100 steps
     log_every: int = Field(10, ge=1)
 
+    # -- parallelism -----------------------------------------------------------------------------
+    # Data-parallel Ray Train workers (1: one Ray task); batch_size must be divisible by it.
+    workers: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0.0, ge=0.0)  # > 0: train on CUDA, e.g. 0.5 to share a card
+
     # -- evaluation ------------------------------------------------------------------------------
     eval_batches: int = Field(4, ge=1)  # held-out batches for the loss with and without thoughts
     eval_tasks: int = Field(32, ge=0)  # held-out tasks per kind (0: skip)
@@ -95,6 +100,9 @@ class QuietStarConfig(FrozenConfig):
         if self.seq_len is not None and self.seq_len <= self.n_true:
             raise ValueError(f"seq_len ({self.seq_len}) must exceed n_true ({self.n_true}): a thought needs "
                              "n_true true tokens after its position")
+        if self.batch_size % self.workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by workers ({self.workers}): "
+                             "each data-parallel worker takes an equal share of every batch")
         if self.n_thoughts == 1 and self.policy_weight > 0:
             raise ValueError(
                 "n_thoughts = 1 makes every advantage 0 (the baseline is the mean over a position's "

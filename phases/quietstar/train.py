@@ -87,10 +87,56 @@ def _load(model_dir: Path, cfg: QuietStarConfig, corpus: Corpus, seed: int) -> t
     return model, tokenizer
 
 
+def _average_gradients(model: torch.nn.Module, world_size: int) -> None:
+    """Data parallelism: every worker's gradient becomes the mean over the workers (in the fixed
+    parameter order, so all workers take the same optimizer step and stay identical). By hand,
+    not DDP: DDP syncs inside ``forward``, and the thought rollout is ``ThoughtModel.loss``."""
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world_size)
+
+
+def _check_in_sync(model: torch.nn.Module, step: int) -> None:
+    """Raise PhaseError unless every data-parallel worker holds the same weights (compared by
+    two float64 checksums), so a silent divergence never reaches a checkpoint."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    sums = torch.stack([flat.sum(), flat.square().sum()])
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise PhaseError("quietstar", f"data-parallel workers hold different weights at step {step}")
+
+
+def _combine_records(record: list[float], world_size: int) -> list[float]:
+    """One step's record over all workers: means, except the minimum coherence (a minimum)."""
+    import torch.distributed as dist
+
+    values = torch.tensor(record, dtype=torch.float64)
+    total, low = values.nan_to_num(0.0), values.nan_to_num(float("inf"))
+    dist.all_reduce(total)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    out = (total / world_size).tolist()
+    i = RECORD_FIELDS.index("thought_coherence_min")
+    out[i] = float(low[i]) if math.isfinite(float(low[i])) else float("nan")
+    return out
+
+
 def train_quietstar(model_dir: Path, cfg: QuietStarConfig, corpus: Corpus, *, seed: int, work_dir: Path,
                     out_dir: Path, log: LogFn | None = None, progress: ProgressFn | None = None,
-                    device: str = "cpu") -> dict[str, Any]:
+                    device: str = "cpu", rank: int = 0, world_size: int = 1) -> dict[str, Any] | None:
     """Train thoughts into the model in ``model_dir`` for ``cfg.steps``; write the thought model.
+
+    Data-parallel with ``world_size`` > 1 (``torch.distributed`` initialised, e.g. by a Ray
+    Train worker group): worker ``rank`` takes rows ``rank::world_size`` of every global batch
+    and its own thought-sampling stream; gradients and step records are averaged over the
+    workers. Worker 0 alone evaluates, logs, checkpoints and writes the model.
 
     Args:
         model_dir: an HF causal LM dir with tokenizer files (e.g. EvoMerge's output).
@@ -100,8 +146,10 @@ def train_quietstar(model_dir: Path, cfg: QuietStarConfig, corpus: Corpus, *, se
         log: optional ``log(metrics, step)``: ``quietstar/*`` every ``log_every`` steps.
         progress: optional ``progress(done, total)``.
         device: torch device (hashes are only comparable on the same device type).
+        rank, world_size: this worker and the number of data-parallel workers.
     Returns:
-        ``{"metrics": {...}, "samples": [sample thought rows]}``. Metrics: the last logged
+        On worker 0, ``{"metrics": {...}, "samples": [sample thought rows]}`` (None on the
+        others). Metrics: the last logged
         step's ``quietstar/*`` means over the final ``log_every`` steps, held-out
         ``quietstar/eval_loss_{input,base,thought}`` and ``..._hard`` (hardest 10% of tokens by
         the input model's loss), ``quietstar/tasks_accuracy_{input,base,thought}``,
@@ -109,7 +157,14 @@ def train_quietstar(model_dir: Path, cfg: QuietStarConfig, corpus: Corpus, *, se
     Raises:
         ArtifactError: model_dir is not an HF model dir.  PhaseError: the loss diverged, the
         vocabulary does not fit the data, or work_dir holds another run's checkpoint.
+        ValueError: batch_size not divisible by world_size, or rank out of range.
     """
+    if not 0 <= rank < world_size or cfg.batch_size % world_size:
+        raise ValueError(f"need 0 <= rank < world_size and batch_size divisible by world_size; got rank {rank}, "
+                         f"world_size {world_size}, batch_size {cfg.batch_size}")
+    lead = rank == 0
+    if not lead:
+        log = progress = None
     model_dir, work_dir, dev = Path(model_dir), Path(work_dir), torch.device(device)
     work_dir.mkdir(parents=True, exist_ok=True)
     seq_len = cfg.seq_len or corpus.config.seq_len
@@ -122,8 +177,9 @@ def train_quietstar(model_dir: Path, cfg: QuietStarConfig, corpus: Corpus, *, se
         model.to(dev)
         windows = corpus.windows("heldout", seq_len, max_windows=cfg.eval_batches * cfg.batch_size)
         tasks = [t for k in TASK_KINDS for t in [t for t in corpus.heldout_tasks if t.kind == k][:cfg.eval_tasks]]
-        input_nll = token_nll(model.lm, windows, batch_size=cfg.batch_size)  # before training: the reference
-        input_acc = _task_acc(model.lm, corpus, tasks)
+        if lead:  # before training: the reference the trained model is compared with
+            input_nll = token_nll(model.lm, windows, batch_size=cfg.batch_size)
+            input_acc = _task_acc(model.lm, corpus, tasks)
 
         opt = make_optimizer(model, cfg)
         resumed = load_train_state(work_dir, model, opt, fp, phase="quietstar")
@@ -136,25 +192,34 @@ def train_quietstar(model_dir: Path, cfg: QuietStarConfig, corpus: Corpus, *, se
             lr = lr_at(cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            batch = corpus.batch(step, cfg.batch_size, seq_len - 1, data_seed).to(dev)  # (B, seq_len)
-            gen = torch.Generator(device=dev).manual_seed(derived_seed(seed, f"quietstar/sample/{step}"))
+            batch = corpus.batch(step, cfg.batch_size, seq_len - 1, data_seed)[rank::world_size].to(dev)  # (B/W, L)
+            stream = f"quietstar/sample/{step}" + (f"/{rank}" if world_size > 1 else "")
+            gen = torch.Generator(device=dev).manual_seed(derived_seed(seed, stream))
             rollout = model.loss(batch, generator=gen)
             opt.zero_grad(set_to_none=True)
             rollout.loss.backward()
+            if world_size > 1:
+                _average_gradients(model, world_size)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=False)
             opt.step()
             done = step + 1
-            records.append(_record(rollout, rollout.anchors.shape[1]))
+            record = _record(rollout, rollout.anchors.shape[1])
+            records.append(_combine_records(record, world_size) if world_size > 1 else record)
             if not math.isfinite(records[-1][0]):
                 raise PhaseError("quietstar", f"the loss became {records[-1][0]} at step {done}; lower lr")
             if log is not None and (done % cfg.log_every == 0 or done == cfg.steps):
                 log({**_window_means(records, cfg.log_every), "quietstar/lr": lr}, done)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_train_state(work_dir, done, model, opt, records, fp)
+                if world_size > 1:
+                    _check_in_sync(model, done)
+                if lead:
+                    save_train_state(work_dir, done, model, opt, records, fp)
             if progress is not None:
                 progress(done, cfg.steps)
 
+        if not lead:
+            return None
         model.eval()
         samples = _samples(model, corpus, seq_len, cfg, tokenizer)
         base_nll = token_nll(model.lm, windows, batch_size=cfg.batch_size)
