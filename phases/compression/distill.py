@@ -120,7 +120,7 @@ def distill(teacher: nn.Module, student: nn.Module, corpus, *, steps: int, lr: f
         opt.step()
         if masks:
             apply_masks(student, {n: m for n, m in masks.items() if n in params})
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     student.eval()
     k = max(1, steps // 10)
     return {"distill/loss_initial": sum(losses[:k]) / k, "distill/loss": sum(losses[-k:]) / k, "distill/steps": steps}

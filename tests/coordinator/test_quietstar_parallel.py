@@ -1,8 +1,9 @@
 """Phase 3 data-parallel on a real local Ray: two Ray Train workers (gloo) split every batch,
 average their gradients and stay identical (checked at every checkpoint: the run fails if they
-differ); worker 0 checkpoints, evaluates and writes the model. Resume is the single-worker
-code path (tests/phases/test_quietstar_train.py); the single-task driver path is the README
-run's phase 3 (tests/e2e/test_cli.py)."""
+differ); worker 0 checkpoints, evaluates and writes the model. Slow (a Ray Train worker group
+starts in about 30 s on 2 cores); default-run siblings: the training loop and its resume in
+tests/phases/test_quietstar_train.py, the single-task driver in the README run's phase 3
+(tests/e2e/test_cli.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ CFG = QuietStarConfig(thought_length=2, n_thoughts=2, n_true=2, injection="hard"
                       eval_tasks=2, sample_thoughts=2, workers=2)
 
 
+@pytest.mark.slow
 def test_two_workers_train_one_model(tmp_path):
     import ray
 
