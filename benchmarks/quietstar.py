@@ -92,17 +92,6 @@ def _start_model(cfg, corpus, *, seed: int, steps: int, work: Path) -> tuple[Pat
     return out, time.perf_counter() - t0, False
 
 
-def _arith_problem(rng: np.random.Generator) -> tuple[str, str]:
-    """``("a+b-c=", "answer")`` with 2 or 3 operations, operands 0..9, left to right."""
-    ops_n = int(rng.integers(2, 4))
-    nums = [int(v) for v in rng.integers(0, 10, size=ops_n + 1)]
-    ops = ["+-"[int(v)] for v in rng.integers(0, 2, size=ops_n)]
-    value = nums[0]
-    for op, n in zip(ops, nums[1:]):
-        value = value + n if op == "+" else value - n
-    return str(nums[0]) + "".join(f"{op}{n}" for op, n in zip(ops, nums[1:])) + "=", str(value)
-
-
 def make_batch_fn(corpus, *, seed: int, batch_size: int, seq_len: int, arith_share: float, exclude: frozenset[str]):
     """``batch(step) -> LongTensor (B, L)``: a pure function of (seed, step), the same for both arms.
 
@@ -111,6 +100,7 @@ def make_batch_fn(corpus, *, seed: int, batch_size: int, seq_len: int, arith_sha
     the rest are corpus training windows (``Corpus.batch``, text only).
     """
     from phases.data import TaskMix
+    from phases.quietstar.evaluate import arithmetic_problem
     from phases.training import derived_seed
 
     tok = corpus.tokenizer
@@ -124,10 +114,10 @@ def make_batch_fn(corpus, *, seed: int, batch_size: int, seq_len: int, arith_sha
             rng = np.random.default_rng(np.random.SeedSequence([int(seed), _ARITH_TAG, int(step), r]))
             ids = [tok.eos_id]
             while len(ids) < seq_len:
-                prompt, answer = _arith_problem(rng)
-                if prompt in exclude:
+                task = arithmetic_problem(rng, steps=int(rng.integers(2, 4)))  # 2 or 3 operations
+                if task.prompt in exclude:
                     continue
-                ids += tok.encode(prompt) + tok.encode(answer) + [tok.eos_id]
+                ids += tok.encode(task.prompt) + tok.encode(task.answer) + [tok.eos_id]
             rows.append(torch.tensor(ids[:seq_len], dtype=torch.long))
         out = torch.stack(rows) if rows else torch.empty(0, seq_len, dtype=torch.long)
         if batch_size - n_arith:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from phases.data import Task, task_accuracy
 
-__all__ = ["token_nll", "heldout_losses", "multistep_arithmetic", "arithmetic_accuracy", "sample_thought_rows"]
+__all__ = ["token_nll", "heldout_losses", "arithmetic_problem", "multistep_arithmetic", "arithmetic_accuracy",
+           "sample_thought_rows"]
 
 
 @torch.no_grad()
@@ -64,9 +65,19 @@ def heldout_losses(nll: torch.Tensor, reference: torch.Tensor, *, hard_fraction:
     return {"loss": float(flat.mean()), "loss_hard": float(flat[hard].mean())}
 
 
+def arithmetic_problem(rng: np.random.Generator, *, steps: int, max_operand: int = 9) -> Task:
+    """One problem ``a op b op c ... =`` with ``steps`` operations of + and - on operands in
+    [0, max_operand], evaluated left to right (also their usual precedence); the answer is exact."""
+    nums = [int(v) for v in rng.integers(0, max_operand + 1, size=steps + 1)]
+    ops = ["+-"[int(v)] for v in rng.integers(0, 2, size=steps)]
+    value = nums[0]
+    for op, n in zip(ops, nums[1:]):
+        value = value + n if op == "+" else value - n
+    return Task("arithmetic", str(nums[0]) + "".join(f"{op}{n}" for op, n in zip(ops, nums[1:])) + "=", str(value))
+
+
 def multistep_arithmetic(seed: int, count: int, *, steps: int = 2, max_operand: int = 9) -> list[Task]:
-    """``count`` distinct generated problems ``a op b op c ... =`` with ``steps`` operations
-    (+ and -, evaluated left to right, which is also their usual precedence); answers are exact.
+    """``count`` distinct generated problems of ``steps`` operations (``arithmetic_problem``).
 
     Raises:
         ValueError: steps < 1, count < 1, or too small a problem space for ``count`` distinct ones.
@@ -78,13 +89,8 @@ def multistep_arithmetic(seed: int, count: int, *, steps: int = 2, max_operand: 
     for _ in range(100 * count):
         if len(seen) == count:
             break
-        nums = [int(v) for v in rng.integers(0, max_operand + 1, size=steps + 1)]
-        ops = ["+-"[int(v)] for v in rng.integers(0, 2, size=steps)]
-        text = str(nums[0]) + "".join(f"{op}{n}" for op, n in zip(ops, nums[1:]))
-        value = nums[0]
-        for op, n in zip(ops, nums[1:]):
-            value = value + n if op == "+" else value - n
-        seen.setdefault(text, Task("arithmetic", f"{text}=", str(value)))
+        task = arithmetic_problem(rng, steps=steps, max_operand=max_operand)
+        seen.setdefault(task.prompt, task)
     if len(seen) < count:
         raise ValueError(f"only {len(seen)} distinct {steps}-step problems with operands <= {max_operand}; "
                          f"asked for {count}")
