@@ -341,18 +341,22 @@ class ThoughtModel(nn.Module):
         return CausalLMOutput(logits=self.think(input_ids)[0])
 
     @torch.no_grad()
-    def generate_with_thoughts(self, input_ids: torch.Tensor, *, max_new_tokens: int, do_sample: bool = False,
-                               generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def generate(self, input_ids: torch.Tensor, *, max_new_tokens: int = 20, do_sample: bool = False,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None,
+                 return_thoughts: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Generate tokens, thinking one thought before each (the thought is not kept in the text).
+        For the same model without thoughts, call ``self.lm.generate`` (the plain HF model).
 
         Args:
             input_ids: (B, L) prompt ids.
-            max_new_tokens: tokens to append.
+            max_new_tokens: at most this many tokens are appended.
             do_sample: sample the next token (temperature and top-p of the config) instead of
                 taking the most likely one.
+            eos_token_id: stop once every row has produced it (rows that ended get it again).
             generator: seeded generator for thoughts and sampling; None = seeded with 0.
+            return_thoughts: also return the thoughts, one (B, m) tensor per generated token.
         Returns:
-            ``(ids (B, L + max_new_tokens), thoughts)``: one (B, m) tensor per generated token.
+            ids (B, L + n), or ``(ids, thoughts)`` with ``return_thoughts``.
         Raises:
             ValueError: max_new_tokens < 0.
         """
@@ -361,6 +365,7 @@ class ThoughtModel(nn.Module):
         if generator is None:
             generator = torch.Generator(device=input_ids.device).manual_seed(0)
         ids, thoughts = input_ids, []
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             last = torch.tensor([ids.shape[1] - 1], device=ids.device)
             logits, tokens, _ = self.think(ids, anchors=last, generator=generator)
@@ -370,9 +375,14 @@ class ThoughtModel(nn.Module):
                                             temperature=self.cfg.temperature, generator=generator)
             else:
                 tok = nxt.argmax(-1)
+            if eos_token_id is not None:
+                tok = tok.masked_fill(done, eos_token_id)
+                done |= tok == eos_token_id
             ids = torch.cat([ids, tok[:, None]], dim=1)
             thoughts.append(tokens[:, 0])
-        return ids, thoughts
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return (ids, thoughts) if return_thoughts else ids
 
     # -- saving ----------------------------------------------------------------------------------
 

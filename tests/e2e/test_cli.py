@@ -113,7 +113,8 @@ def test_the_tiny_run_trains_thoughts(reference_run):
     for key in ("eval_loss_input", "eval_loss_base", "eval_loss_thought", "thought_coherence_avg"):
         assert 0 < m[f"quietstar/{key}"] < 10, key
     model, tokenizer = load_thought_model(run_dir / result["model"]["path"])
-    ids, thoughts = model.generate_with_thoughts(torch.tensor([tokenizer.encode("The ")]), max_new_tokens=3)
+    ids, thoughts = model.generate(torch.tensor([tokenizer.encode("The ")]), max_new_tokens=3,
+                                   return_thoughts=True)
     assert ids.shape == (1, len(tokenizer.encode("The ")) + 3) and len(thoughts) == 3
     phase_dir = run_dir / "03_quietstar"
     rows = json.loads((phase_dir / "tables.json").read_text())["thought_examples"]

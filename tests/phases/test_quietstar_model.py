@@ -226,14 +226,22 @@ def test_generation_with_thoughts_is_seeded_and_starts_as_the_base_model():
     lm = _cognate()
     tm, _ = _thought_model(lm)
     prompt = _ids(2, 5)
-    ids1, thoughts1 = tm.generate_with_thoughts(prompt, max_new_tokens=4)
-    ids2, thoughts2 = tm.generate_with_thoughts(prompt, max_new_tokens=4)
+    ids1, thoughts1 = tm.generate(prompt, max_new_tokens=4, return_thoughts=True)
+    ids2, thoughts2 = tm.generate(prompt, max_new_tokens=4, return_thoughts=True)
     assert torch.equal(ids1, ids2) and all(torch.equal(a, b) for a, b in zip(thoughts1, thoughts2))
     assert len(thoughts1) == 4 and thoughts1[0].shape == (2, 3)
     greedy = lm.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(ids1, greedy)  # w = 0: thinking does not change the text yet
+    with torch.no_grad():  # once the mixing weight is not 0, the thoughts change the text
+        tm.mixing.mlp[-1].bias.fill_(3.0)
+    assert not torch.equal(tm.generate(prompt, max_new_tokens=4), greedy)
+    sampled = tm.generate(prompt, max_new_tokens=4, do_sample=True, generator=torch.Generator().manual_seed(1))
+    assert sampled.shape == (2, 9) and not torch.isin(sampled, torch.tensor([tm.start_id, tm.end_id])).any()
+    first = int(tm.generate(prompt[:1], max_new_tokens=1)[0, 5])  # stop once every row has produced "eos"
+    stopped = tm.generate(prompt[:1], max_new_tokens=4, eos_token_id=first)
+    assert stopped.shape == (1, 6)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        tm.generate_with_thoughts(prompt, max_new_tokens=-1)
+        tm.generate(prompt, max_new_tokens=-1)
 
 
 def test_a_model_without_a_backbone_is_refused():
