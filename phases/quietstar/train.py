@@ -149,10 +149,9 @@ def train_quietstar(model_dir: Path, cfg: QuietStarConfig, corpus: Corpus, *, se
         rank, world_size: this worker and the number of data-parallel workers.
     Returns:
         On worker 0, ``{"metrics": {...}, "samples": [sample thought rows]}`` (None on the
-        others). Metrics: the last logged
-        step's ``quietstar/*`` means over the final ``log_every`` steps, held-out
-        ``quietstar/eval_loss_{input,base,thought}`` and ``..._hard`` (hardest 10% of tokens by
-        the input model's loss), ``quietstar/tasks_accuracy_{input,base,thought}``,
+        others). Metrics: ``quietstar/*`` step records, means over the last ``log_every``
+        steps; held-out ``quietstar/eval_loss_{input,base,thought}`` and ``..._hard`` (hardest
+        10% of tokens by the input model's loss); ``quietstar/tasks_accuracy_{input,base,thought}``;
         ``quietstar/steps``, ``quietstar/tokens``.
     Raises:
         ArtifactError: model_dir is not an HF model dir.  PhaseError: the loss diverged, the
