@@ -98,3 +98,38 @@ def test_packed_sizes_and_bad_input():
         unpack(torch.tensor([0xFF], dtype=torch.uint8), 4, "2bit")
     with pytest.raises(ValueError, match="need 2"):
         unpack(torch.zeros(1, dtype=torch.uint8), 5, "2bit")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_packed_layer_equals_bitlinear_and_the_file_round_trips_bit_exact(fmt, tmp_path):
+    from phases.bitnet.packed import PackedBitLinear, load_packed, save_packed
+    from phases.cognate.modeling import CognateForCausalLM, CognateModelConfig
+
+    torch.manual_seed(0)
+    layer = BitLinear(37, 11, bias=True).eval()  # odd shapes: the last byte is padded
+    packed = PackedBitLinear.from_bitlinear(layer, fmt)
+    x = torch.randn(3, 5, 37)
+    torch.testing.assert_close(packed(x), layer(x), atol=1e-5, rtol=1e-5)
+    codes, gamma = ternary_codes(layer.weight)
+    assert torch.equal(packed.codes(), codes) and float(packed.gamma) == float(gamma)
+    assert packed.packed.numel() == packed_bytes(37 * 11, fmt)
+
+    model = CognateForCausalLM(CognateModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                  num_hidden_layers=2, num_attention_heads=2)).eval()
+    replace_linears(model)
+    ids = torch.randint(0, 64, (2, 9))
+    expected = model(input_ids=ids).logits
+    quantized = {n: ternary_codes(m.weight) for n, m in model.named_modules() if isinstance(m, BitLinear)}
+    out = save_packed(model, tmp_path / "m", fmt)
+    loaded = load_packed(out)
+    for name, (codes, gamma) in quantized.items():
+        layer = loaded.get_submodule(name)
+        assert isinstance(layer, PackedBitLinear)
+        assert torch.equal(layer.codes(), codes) and float(layer.gamma) == float(gamma)  # bit-exact
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+    assert not any(isinstance(m, BitLinear) for m in loaded.modules())
+    (out / "bitnet.safetensors").write_bytes(b"\0" * 32)
+    from coordinator.errors import ArtifactError
+
+    with pytest.raises(ArtifactError):
+        load_packed(out)

@@ -1,0 +1,160 @@
+"""Inference from packed ternary weights, and the packed model file.
+
+``PackedBitLinear`` holds a layer's ternary codes packed (``packing.py``: 2 or 1.6 bits per
+weight) and its scale gamma; each forward unpacks only this layer's codes to int8, quantizes the
+activations to int8 per token (absmax, as in training) and multiplies integers:
+
+    y = (x_int8 @ codes_int8^T) * gamma / s_x + bias
+
+with ``torch._int_mm`` (int8 x int8 -> int32, exact) where this torch has it on the device, else
+an exact float32 product of the integers (sums of at most 127 * in_features < 2^24). So the
+model never holds its float weights: at rest it is the packed bytes, and at most one layer's
+int8 codes exist at a time. This equals ``BitLinear``'s eval forward up to float rounding.
+
+``save_packed`` writes an HF config plus ``bitnet.safetensors`` (packed codes, scales, and
+every other tensor in full precision) and ``bitnet.json`` (format, packed layers, shapes);
+``load_packed`` rebuilds the model from them, the ternary weights bit-exact.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from coordinator.errors import ArtifactError
+from phases.bitnet.packing import FORMATS, pack, packed_bytes, unpack
+from phases.bitnet.quant import EPS, BitLinear, ternary_codes
+
+__all__ = ["PACKED_FILE", "PACKED_META", "PackedBitLinear", "pack_model", "save_packed", "load_packed"]
+
+PACKED_FILE = "bitnet.safetensors"
+PACKED_META = "bitnet.json"
+_FORMAT = 1
+
+
+def _int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 @ (K, N) int8 -> (M, N) float32, exactly."""
+    if hasattr(torch, "_int_mm"):
+        try:
+            return torch._int_mm(a, b).float()  # private but long-standing; exact int32 accumulation
+        except RuntimeError:  # shape or device this kernel does not take
+            pass
+    return a.float() @ b.float()
+
+
+class PackedBitLinear(nn.Module):
+    """A ternary linear layer stored packed; see the module docstring."""
+
+    def __init__(self, packed: torch.Tensor, gamma: torch.Tensor, shape: tuple[int, int], fmt: str,
+                 bias: torch.Tensor | None = None, activation_bits: int = 8):
+        super().__init__()
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        out_features, in_features = shape
+        if packed.numel() != packed_bytes(out_features * in_features, fmt):
+            raise ValueError(f"{packed.numel()} packed bytes do not hold a {out_features}x{in_features} weight "
+                             f"in format {fmt!r}")
+        if activation_bits != 8:
+            raise ValueError("packed inference takes 8-bit activations (int8 products)")
+        self.out_features, self.in_features, self.fmt = out_features, in_features, fmt
+        self.register_buffer("packed", packed.to(torch.uint8).reshape(-1))
+        self.register_buffer("gamma", gamma.detach().float().reshape(()))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    @classmethod
+    def from_bitlinear(cls, layer: BitLinear, fmt: str) -> PackedBitLinear:
+        codes, gamma = ternary_codes(layer.weight)
+        return cls(pack(codes, fmt), gamma, (layer.out_features, layer.in_features), fmt,
+                   None if layer.bias is None else layer.bias, layer.activation_bits)
+
+    def codes(self) -> torch.Tensor:
+        """The ternary codes (out, in) int8."""
+        return unpack(self.packed, self.out_features * self.in_features, self.fmt).reshape(
+            self.out_features, self.in_features).to(self.packed.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).float()
+        scale = 127.0 / flat.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)  # (M, 1) per token
+        x_int = (flat * scale).round().clamp(-128, 127).to(torch.int8)
+        y = _int_matmul(x_int, self.codes().T.contiguous()) * (self.gamma / scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}"
+
+
+def pack_model(model: nn.Module, fmt: str) -> list[str]:
+    """Replace every ``BitLinear`` of ``model`` in place by a ``PackedBitLinear``; returns their names."""
+    names = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, BitLinear):
+                setattr(module, child_name, PackedBitLinear.from_bitlinear(child, fmt))
+                names.append(f"{name}.{child_name}" if name else child_name)
+    return names
+
+
+def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, tokenizer: Any = None) -> Path:
+    """Write ``model`` (its BitLinear layers, or already packed ones) as a packed model dir,
+    atomically (temp dir, then rename). The model is packed in place. Returns ``out_dir``."""
+    from serialization.checkpoint import atomic_write_json, publish_dir, save_tensors
+
+    pack_model(model, fmt)
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedBitLinear)}
+    if not packed:
+        raise ValueError(f"{type(model).__name__} has no BitLinear layer to pack")
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.config.save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sha = save_tensors(tmp / PACKED_FILE, tensors)
+    atomic_write_json(tmp / PACKED_META, {
+        "format": _FORMAT, "packing": fmt, "tensors": PACKED_FILE, "sha256": sha,
+        "layers": {n: {"shape": [m.out_features, m.in_features], "bias": m.bias is not None}
+                   for n, m in packed.items()}})
+    return publish_dir(tmp, out_dir)
+
+
+def load_packed(model_dir: str | Path) -> nn.Module:
+    """Rebuild a model written by ``save_packed``: its config, packed layers and other tensors.
+
+    Raises:
+        ArtifactError: the meta file or the tensors are missing, altered or do not fit the config.
+    """
+    import phases.cognate.modeling  # noqa: F401 - registers the Cognate classes with the Auto API
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from serialization.checkpoint import load_tensors, read_json
+
+    model_dir = Path(model_dir)
+    meta_path = model_dir / PACKED_META
+    if not meta_path.is_file():
+        raise ArtifactError(str(meta_path), "not a packed BitNet model dir (no bitnet.json)")
+    meta = read_json(meta_path)
+    try:
+        fmt, layers, name, sha = meta["packing"], meta["layers"], meta["tensors"], meta["sha256"]
+    except (KeyError, TypeError) as err:
+        raise ArtifactError(str(meta_path), f"malformed: missing {err}") from None
+    tensors = load_tensors(model_dir / Path(name).name, expected_sha256=sha)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
+    try:
+        for layer, info in layers.items():
+            parent, _, child = layer.rpartition(".")
+            module = PackedBitLinear(tensors[f"{layer}.packed"], tensors[f"{layer}.gamma"], tuple(info["shape"]), fmt,
+                                     tensors.get(f"{layer}.bias") if info["bias"] else None)
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+        model.load_state_dict(tensors, strict=True)
+    except (KeyError, ValueError, RuntimeError, AttributeError) as err:
+        raise ArtifactError(str(model_dir / name), f"does not fit the config: {err}") from None
+    return model.eval()
