@@ -1,15 +1,17 @@
 """Inference from packed ternary weights, and the packed model file.
 
 ``PackedBitLinear`` holds a layer's ternary codes packed (``packing.py``: 2 or 1.6 bits per
-weight) and its scale gamma; each forward unpacks only this layer's codes to int8, quantizes the
-activations to int8 per token (absmax, as in training) and multiplies integers:
+weight) and its scale gamma. Each forward decodes only this layer's codes with one table lookup
+per byte (``packing.decode_table``: 256 entries of 4 or 5 codes), quantizes the activations to
+8 bits per token (absmax, as in training) and multiplies:
 
-    y = (x_int8 @ codes_int8^T) * gamma / s_x + bias
+    y = (x_int @ codes^T) * gamma / s_x + bias
 
-with ``torch._int_mm`` (int8 x int8 -> int32, exact) where this torch has it on the device, else
-an exact float32 product of the integers (sums of at most 127 * in_features < 2^24). So the
-model never holds its float weights: at rest it is the packed bytes, and at most one layer's
-int8 codes exist at a time. This equals ``BitLinear``'s eval forward up to float rounding.
+The integer products run as float32 matmuls, exact (sums of at most 127 * in_features < 2^24
+for in_features up to 132,000): on CPU ``torch._int_mm`` measured 45x slower than the float
+matmul of the same shape (1376 x 512 x 512, torch 2.13, one thread), so it is not used. The
+model never holds all its float weights: at rest it is the packed bytes, and at most one layer's
+decoded codes exist at a time. Equal to ``BitLinear``'s eval forward up to float rounding.
 
 ``save_packed`` writes an HF config plus ``bitnet.safetensors`` (packed codes, scales, and
 every other tensor in full precision) and ``bitnet.json`` (format, packed layers, shapes);
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from coordinator.errors import ArtifactError
-from phases.bitnet.packing import FORMATS, pack, packed_bytes, unpack
+from phases.bitnet.packing import FORMATS, check, decode_table, pack, packed_bytes, unpack
 from phases.bitnet.quant import EPS, BitLinear, ternary_codes
 
 __all__ = ["PACKED_FILE", "PACKED_META", "PackedBitLinear", "pack_model", "save_packed", "load_packed"]
@@ -34,16 +36,6 @@ __all__ = ["PACKED_FILE", "PACKED_META", "PackedBitLinear", "pack_model", "save_
 PACKED_FILE = "bitnet.safetensors"
 PACKED_META = "bitnet.json"
 _FORMAT = 1
-
-
-def _int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(M, K) int8 @ (K, N) int8 -> (M, N) float32, exactly."""
-    if hasattr(torch, "_int_mm"):
-        try:
-            return torch._int_mm(a, b).float()  # private but long-standing; exact int32 accumulation
-        except RuntimeError:  # shape or device this kernel does not take
-            pass
-    return a.float() @ b.float()
 
 
 class PackedBitLinear(nn.Module):
@@ -61,7 +53,9 @@ class PackedBitLinear(nn.Module):
         if activation_bits != 8:
             raise ValueError("packed inference takes 8-bit activations (int8 products)")
         self.out_features, self.in_features, self.fmt = out_features, in_features, fmt
+        check(packed.to(torch.uint8).reshape(-1), out_features * in_features, fmt)
         self.register_buffer("packed", packed.to(torch.uint8).reshape(-1))
+        self.register_buffer("table", decode_table(fmt), persistent=False)
         self.register_buffer("gamma", gamma.detach().float().reshape(()))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
@@ -80,8 +74,10 @@ class PackedBitLinear(nn.Module):
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).float()
         scale = 127.0 / flat.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)  # (M, 1) per token
-        x_int = (flat * scale).round().clamp(-128, 127).to(torch.int8)
-        y = _int_matmul(x_int, self.codes().T.contiguous()) * (self.gamma / scale)
+        x_int = (flat * scale).round().clamp(-128, 127)  # integers, kept as float32
+        n = self.out_features * self.in_features
+        codes = self.table[self.packed.long()].reshape(-1)[:n].reshape(self.out_features, self.in_features)
+        y = (x_int @ codes.T) * (self.gamma / scale)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*lead, self.out_features)
@@ -147,14 +143,18 @@ def load_packed(model_dir: str | Path) -> nn.Module:
     except (KeyError, TypeError) as err:
         raise ArtifactError(str(meta_path), f"malformed: missing {err}") from None
     tensors = load_tensors(model_dir / Path(name).name, expected_sha256=sha)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
+    with torch.device("meta"):  # no float weights are allocated: the stored tensors are assigned below
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
     try:
         for layer, info in layers.items():
             parent, _, child = layer.rpartition(".")
             module = PackedBitLinear(tensors[f"{layer}.packed"], tensors[f"{layer}.gamma"], tuple(info["shape"]), fmt,
                                      tensors.get(f"{layer}.bias") if info["bias"] else None)
             setattr(model.get_submodule(parent) if parent else model, child, module)
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(tensors, strict=True, assign=True)
+        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     except (KeyError, ValueError, RuntimeError, AttributeError) as err:
         raise ArtifactError(str(model_dir / name), f"does not fit the config: {err}") from None
+    if leftover:
+        raise ArtifactError(str(model_dir / name), f"holds no values for {', '.join(leftover[:5])}")
     return model.eval()

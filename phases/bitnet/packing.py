@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from phases.compression.ternary import pack_trits, unpack_trits
+from phases.compression.ternary import check_packed, pack_trits, unpack_trits
 
-__all__ = ["FORMATS", "bits_per_weight", "pack", "unpack", "packed_bytes"]
+__all__ = ["FORMATS", "bits_per_weight", "check", "decode_table", "pack", "unpack", "packed_bytes"]
 
 FORMATS = ("2bit", "base3")
 _PER_BYTE = {"2bit": 4, "base3": 5}
@@ -59,8 +59,9 @@ def pack(codes: torch.Tensor, fmt: str) -> torch.Tensor:
     return (digits << _SHIFTS).sum(1).to(torch.uint8)
 
 
-def unpack(packed: torch.Tensor, count: int, fmt: str) -> torch.Tensor:
-    """Inverse of ``pack``: the first ``count`` codes as an int8 tensor (count,).
+def check(packed: torch.Tensor, count: int, fmt: str) -> None:
+    """Check that ``packed`` holds ``count`` valid codes in ``fmt``, with byte-sized temporaries
+    only (no unpacked copy).
 
     Raises:
         ValueError: an unknown format, a byte count that does not fit ``count``, or an invalid
@@ -68,12 +69,42 @@ def unpack(packed: torch.Tensor, count: int, fmt: str) -> torch.Tensor:
     """
     _check_format(fmt)
     if fmt == "base3":
-        return unpack_trits(packed, count)
+        check_packed(packed, count)
+        return
     need = packed_bytes(count, fmt)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
         raise ValueError(f"{count} codes need {need} uint8 bytes (1-D), got {packed.numel()} {packed.dtype} "
                          f"of shape {tuple(packed.shape)}")
-    digits = (packed.cpu().to(torch.int32)[:, None] >> _SHIFTS) & 3  # (bytes, 4)
-    if bool((digits == 3).any()):
+    both = packed & (packed >> 1) & 0b01010101  # bit 2i set where field i (bits 2i, 2i+1) is 3
+    if bool(both.any()):
         raise ValueError("code 3 is not a ternary value: the packed bytes are corrupt")
+
+
+def unpack(packed: torch.Tensor, count: int, fmt: str) -> torch.Tensor:
+    """Inverse of ``pack``: the first ``count`` codes as an int8 tensor (count,).
+
+    Raises:
+        ValueError: an unknown format, a byte count that does not fit ``count``, or an invalid
+            code (3 in the 2-bit format, a byte >= 243 in base 3).
+    """
+    if fmt == "base3":
+        return unpack_trits(packed, count)
+    check(packed, count, fmt)
+    digits = (packed.cpu().to(torch.int32)[:, None] >> _SHIFTS) & 3  # (bytes, 4)
     return (digits.reshape(-1)[:count] - 1).to(torch.int8)
+
+
+def decode_table(fmt: str) -> torch.Tensor:
+    """(256, weights per byte) float32: the codes every byte value holds, so that
+    ``decode_table(fmt)[packed].reshape(-1)[:count]`` unpacks with one gather (invalid byte
+    values decode to 0; ``unpack`` is the validating path)."""
+    _check_format(fmt)
+    per = _PER_BYTE[fmt]
+    values = torch.arange(256, dtype=torch.int32)[:, None]
+    if fmt == "2bit":
+        digits = (values >> _SHIFTS) & 3
+    else:
+        digits = (values // torch.tensor([3 ** (per - 1 - i) for i in range(per)], dtype=torch.int32)) % 3
+    table = (digits - 1).float()
+    table[(digits == 3).any(1) if fmt == "2bit" else values[:, 0] >= 3 ** per] = 0.0
+    return table
