@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from phases.bitnet.packing import FORMATS, bits_per_weight, pack, packed_bytes, unpack
+from phases.bitnet.packing import FORMATS, bits_per_weight, decode_table, pack, packed_bytes, unpack
 from phases.bitnet.quant import BitLinear, activation_quant, replace_linears, ternary_codes, weight_quant
 
 
@@ -83,6 +83,8 @@ def test_pack_unpack_is_lossless_on_odd_shapes(shape, seed, fmt):
     packed = pack(codes, fmt)
     assert packed.dtype == torch.uint8 and packed.numel() == packed_bytes(codes.numel(), fmt)
     assert torch.equal(unpack(packed, codes.numel(), fmt).reshape(shape), codes)
+    decoded = decode_table(fmt)[packed.long()].reshape(-1)[:codes.numel()]  # the inference path's decoder
+    assert torch.equal(decoded.to(torch.int8).reshape(shape), codes)
 
 
 def test_packed_sizes_and_bad_input():
