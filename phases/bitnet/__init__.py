@@ -9,7 +9,7 @@ building blocks, in plain PyTorch.
 - ``packed``: ``PackedBitLinear`` (inference from the packed codes, int8 products) and the packed
   model file (``save_packed`` / ``load_packed``, bit-exact).
 
-Not built yet: calibration, QAT training, the benchmark, the driver; phase 4 still refuses
+Not built yet: calibration, QAT training, the driver; phase 4 still refuses
 to run (``coordinator/drivers/__init__.py`` registers it as unbuilt, issue #7).
 
 Importing this package imports nothing (no torch); import the submodules explicitly.
