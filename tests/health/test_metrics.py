@@ -22,19 +22,46 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _serves_this_session(port: int, session: str, wait_s: float) -> bool:
+    """Whether the endpoint on ``port`` serves metrics of this Ray session within ``wait_s``
+    (Ray labels every metric with its SessionName)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                if f'SessionName="{session}"' in resp.read().decode():
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 @pytest.fixture(scope="module")
 def ray_metrics():
-    """A local Ray that exports metrics every second on a free port, with the dashboard (State API)."""
+    """A local Ray that exports metrics every second on a free port, with the dashboard (State API).
+
+    The endpoint must serve this session's metrics before the tests scrape it: a metrics agent
+    of an earlier Ray instance still shutting down can hold the port, and the new agent then
+    fails to bind it silently (Ray deflaked its own metrics tests the same way, ray-project/ray
+    PR 63677); then Ray is restarted on another port, up to three times."""
     import ray
 
-    if ray.is_initialized():
+    for _attempt in range(3):
+        if ray.is_initialized():
+            ray.shutdown()
+        port = free_port()
+        context = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                           dashboard_port=free_port(), _metrics_export_port=port, log_to_driver=False,
+                           namespace="agentforge-tests",
+                           # Ray exports every 10 s by default; 1 s keeps the test short (src: ray/_private/
+                           # telemetry/open_telemetry_metric_recorder.py, "max(metrics_report_interval_ms, 1000)").
+                           _system_config={"metrics_report_interval_ms": 1000})
+        if _serves_this_session(port, ray._private.worker.global_worker.node.session_name, 30.0):
+            break
+    else:
         ray.shutdown()
-    port = free_port()
-    context = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-             _metrics_export_port=port, log_to_driver=False, namespace="agentforge-tests",
-             # Ray exports every 10 s by default; 1 s keeps the test short (src: ray/_private/telemetry/
-             # open_telemetry_metric_recorder.py, "max(metrics_report_interval_ms, 1000)").
-             _system_config={"metrics_report_interval_ms": 1000})
+        pytest.fail("three local Ray instances in a row did not serve their metrics on the export port")
     # Other Ray instances may run on this machine: the State API gets this one's dashboard URL.
     yield {"metrics_port": port, "dashboard_url": f"http://{context.dashboard_url}"}
     ray.shutdown()
