@@ -112,9 +112,12 @@ def test_seedlm_over_its_budget_falls_back_to_int8(clean_run):
                                           "fallback_from": "seedlm"}
 
 
+@pytest.mark.slow
 def test_agent_kills_do_not_change_the_output_hashes(clean_run, tmp_path):
     """The runtime's chaos settings kill compression agents mid-phase: every model and artifact
-    equals the fault-free run's."""
+    equals the fault-free run's. Slow (a second phase-8 run, about 50 s on 2 cores); default-run
+    siblings: tests/chaos/test_nodes.py (random agent kills across nodes never change a team's
+    outputs) and tests/chaos/test_drill.py, on the same agent runtime."""
     _, clean = clean_run
     _, chaotic = _run(tmp_path, chaos={"kill_rate": 0.2, "seed": 2})
     result = chaotic[-1]
