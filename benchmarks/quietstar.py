@@ -29,7 +29,7 @@ Evaluation, the same for every model (start, plain, thoughts arm read without th
 positions its ``injection`` picks)): per-token NLL on ``--eval-windows`` held-out text windows;
 "loss" is its mean, "hardest 10%" the mean over the 10% of tokens where the start model's NLL
 is highest (``heldout_losses``); "2-step acc" is greedy exact match on ``--arith-tasks``
-generated 2-operation problems (``multistep_arithmetic(seed + 1, ...)``, ``arithmetic_accuracy``).
+generated 2-operation problems (``multistep_arithmetic(seed + 1, ...)``, ``exact_match_accuracy``).
 The differences are thoughts-with-thoughts minus plain, whichever way they go.
 
 With ``--injection hard`` one more row reads the same trained thoughts arm thinking at every
@@ -131,12 +131,12 @@ def make_batch_fn(corpus, *, seed: int, batch_size: int, seq_len: int, arith_sha
 def _evaluate(name: str, model, windows, ref_nll, tokenizer, tasks) -> tuple[dict, torch.Tensor]:
     """Held-out losses (hardest tokens ranked by ``ref_nll``, or by the model's own NLL when
     None) and 2-step arithmetic accuracy: ``(row, per-token NLL)``."""
-    from phases.quietstar.evaluate import arithmetic_accuracy, heldout_losses, token_nll
+    from phases.quietstar.evaluate import exact_match_accuracy, heldout_losses, token_nll
 
     t0 = time.perf_counter()
     nll = token_nll(model, windows)
     row = {"model": name, **heldout_losses(nll, nll if ref_nll is None else ref_nll, hard_fraction=0.1),
-           "arith_acc": arithmetic_accuracy(model, tokenizer, tasks)}
+           "arith_acc": exact_match_accuracy(model, tokenizer, tasks)}
     row["eval_s"] = time.perf_counter() - t0
     return row, nll
 

@@ -180,6 +180,17 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> str:
     return atomic_write_text(path, text)
 
 
+def staging_dir(out: str | os.PathLike) -> Path:
+    """The empty sibling ``.NAME.tmp`` of ``out`` to write a directory into before
+    ``publish_dir``: its parent is created, a left-over from an interrupted write removed (the
+    directory itself is not created: ``save_pretrained`` and friends create it)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
 def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Make the fully written directory ``tmp`` appear as ``out`` atomically: fsync every file
     and ``tmp`` itself, move an existing ``out`` aside, rename ``tmp`` over it, drop the old one.

@@ -38,12 +38,10 @@ def load_hf(path: str | Path) -> torch.nn.Module:
 
 def save_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer_from: str | Path) -> Path:
     """Write ``model`` as an HF dir with the tokenizer files of ``tokenizer_from``, atomically."""
-    from serialization.checkpoint import publish_dir
+    from serialization.checkpoint import publish_dir, staging_dir
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(out)
     model.save_pretrained(str(tmp))
     for name in TOKENIZER_FILES:
         src = Path(tokenizer_from) / name

@@ -131,13 +131,12 @@ def materialize(genome_json: dict, setup: dict, out_dir: str, tokenizer_from: st
     import shutil
     from pathlib import Path
 
-    from serialization.checkpoint import publish_dir
+    from serialization.checkpoint import publish_dir, staging_dir
 
     model = child_model(genome_json, setup)  # merged once: scored and saved
     result = _score(model, setup)
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(out)
     model.save_pretrained(str(tmp))
     written = {p.name for p in tmp.iterdir()}
     for f in Path(tokenizer_from).iterdir():  # tokenizer and special-token files, not weights

@@ -20,7 +20,6 @@ every other tensor in full precision) and ``bitnet.json`` (format, packed layers
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +52,9 @@ class PackedBitLinear(nn.Module):
         if activation_bits != 8:
             raise ValueError("packed inference takes 8-bit activations (int8 products)")
         self.out_features, self.in_features, self.fmt = out_features, in_features, fmt
-        check(packed.to(torch.uint8).reshape(-1), out_features * in_features, fmt)
-        self.register_buffer("packed", packed.to(torch.uint8).reshape(-1))
+        packed = packed.to(torch.uint8).reshape(-1)
+        check(packed, out_features * in_features, fmt)
+        self.register_buffer("packed", packed)
         self.register_buffer("table", decode_table(fmt), persistent=False)
         self.register_buffer("gamma", gamma.detach().float().reshape(()))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
@@ -100,16 +100,14 @@ def pack_model(model: nn.Module, fmt: str) -> list[str]:
 def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, tokenizer: Any = None) -> Path:
     """Write ``model`` (its BitLinear layers, or already packed ones) as a packed model dir,
     atomically (temp dir, then rename). The model is packed in place. Returns ``out_dir``."""
-    from serialization.checkpoint import atomic_write_json, publish_dir, save_tensors
+    from serialization.checkpoint import atomic_write_json, publish_dir, save_tensors, staging_dir
 
     pack_model(model, fmt)
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedBitLinear)}
     if not packed:
         raise ValueError(f"{type(model).__name__} has no BitLinear layer to pack")
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out_dir)
+    tmp.mkdir()
     model.config.save_pretrained(str(tmp))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))

@@ -19,7 +19,6 @@ compares their sha256 across processes). Checkpoints are ``phases.training``'s t
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from coordinator.errors import ArtifactError, ConfigError, PhaseError
 from phases.data import TASK_KINDS, Corpus, TaskMix, Tokenizer, evaluate_perplexity, task_accuracy
 from phases.training import derived_seed, fingerprint, load_train_state, save_train_state, training_context
-from serialization.checkpoint import publish_dir, sha256_file
+from serialization.checkpoint import publish_dir, sha256_file, staging_dir
 
 from .config import CognateConfig
 from .modeling import CognateForCausalLM, CognateModelConfig
@@ -105,10 +104,7 @@ def save_model_dir(model: CognateForCausalLM, tokenizer: Tokenizer, out_dir: str
     Returns:
         ``out_dir`` as a Path.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(out_dir)
     model.save_pretrained(str(tmp))
     tokenizer.save(tmp, model_max_length=model.config.max_position_embeddings)
     return publish_dir(tmp, out_dir)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from phases.data import Task, task_accuracy
 
-__all__ = ["token_nll", "heldout_losses", "arithmetic_problem", "multistep_arithmetic", "arithmetic_accuracy",
+__all__ = ["token_nll", "heldout_losses", "arithmetic_problem", "multistep_arithmetic", "exact_match_accuracy",
            "sample_thought_rows"]
 
 
@@ -97,8 +97,8 @@ def multistep_arithmetic(seed: int, count: int, *, steps: int = 2, max_operand: 
     return list(seen.values())
 
 
-def arithmetic_accuracy(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[Task]) -> float:
-    """Greedy exact-match accuracy of the answers (teacher-forced argmax = greedy decoding)."""
+def exact_match_accuracy(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[Task]) -> float:
+    """Greedy exact-match accuracy of the tasks' answers (teacher-forced argmax = greedy decoding)."""
     return task_accuracy(model, tokenizer, tasks, batch_size=32)["tasks/accuracy"]
 
 

@@ -25,7 +25,6 @@ One training step (``ThoughtModel.loss``):
 from __future__ import annotations
 
 import inspect
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +84,12 @@ def add_thought_tokens(lm: nn.Module, tokenizer: Any, cfg: QuietStarConfig) -> t
         if out is not None and out.weight.data_ptr() != emb.data_ptr():
             out.weight[[start_id, end_id]] = out.weight[:old].mean(dim=0)
     return int(start_id), int(end_id)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the softmax over the last dim, in float32: (...)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
 
 
 @dataclass
@@ -278,8 +283,7 @@ class ThoughtModel(nn.Module):
             scores = {key: per_thought(v) for key, v in scores.items()}
             keep = (scores["coherence"] >= cfg.coherence_threshold if cfg.coherence_threshold is not None
                     else torch.ones_like(rewards, dtype=torch.bool))
-            probs = torch.softmax(talk_logits[:, :, 0].float(), dim=-1)
-            entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # (B, C)
+            entropy = _entropy(talk_logits[:, :, 0])  # (B, C)
         parts = quietstar_loss(nll_next, per_thought(nll_talk), advantages, per_thought(logp_pi), cfg, mask=keep)
         return Rollout(loss=parts.pop("loss"), parts=parts, anchors=anchors, thoughts=per_thought(tokens),
                        rewards=rewards, keep=keep, scores=scores, mixing_weight=per_thought(w[..., 0]).detach(),
@@ -313,8 +317,7 @@ class ThoughtModel(nn.Module):
         if anchors is None:
             anchors = torch.arange(seq_len, device=input_ids.device).expand(bsz, seq_len)
             if self.cfg.injection == "hard":  # no labels here: the base model's entropy ranks difficulty
-                probs = torch.softmax(logits.float(), dim=-1)
-                entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # (B, L)
+                entropy = _entropy(logits)  # (B, L)
                 pad = getattr(self.lm.config, "pad_token_id", None)
                 real = input_ids != pad if pad is not None else torch.ones_like(input_ids, dtype=torch.bool)
                 entropy = entropy.masked_fill(~real, float("-inf"))  # never think on padding
@@ -421,12 +424,9 @@ def save_thought_model(model: ThoughtModel, tokenizer: Any, out_dir: str | Path)
     Returns:
         ``out_dir`` as a Path.
     """
-    from serialization.checkpoint import atomic_write_json, publish_dir, save_tensors
+    from serialization.checkpoint import atomic_write_json, publish_dir, save_tensors, staging_dir
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(out_dir)
     model.export_delimiters()
     model.lm.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))

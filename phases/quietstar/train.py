@@ -20,7 +20,7 @@ import torch
 from coordinator.errors import ArtifactError, PhaseError
 from phases.data import TASK_KINDS, Corpus
 from phases.quietstar.config import QuietStarConfig
-from phases.quietstar.evaluate import heldout_losses, sample_thought_rows, token_nll
+from phases.quietstar.evaluate import exact_match_accuracy, heldout_losses, sample_thought_rows, token_nll
 from phases.quietstar.model import ThoughtModel, add_thought_tokens, save_thought_model
 from phases.training import derived_seed, fingerprint, load_train_state, save_train_state, training_context
 from serialization.checkpoint import sha256_dir
@@ -55,7 +55,7 @@ def make_optimizer(model: torch.nn.Module, cfg: QuietStarConfig) -> torch.optim.
                               {"params": other, "weight_decay": 0.0}], lr=cfg.lr, foreach=False)
 
 
-def _record(rollout: Any, n_pos: int) -> list[float]:
+def _record(rollout: Any) -> list[float]:
     """The step's numbers, in RECORD_FIELDS order, from what the rollout computed."""
     keep, coherence = rollout.keep, rollout.scores["coherence"]
     kept = coherence[keep]
@@ -66,16 +66,15 @@ def _record(rollout: Any, n_pos: int) -> list[float]:
             float(kept.min()) if kept.numel() else float("nan"),
             100.0 * float((~keep).float().mean()),
             float(rollout.mixing_weight.mean()), float(rollout.talk_entropy.mean()),
-            float(n_pos), float(rollout.thoughts.shape[-1])]
+            float(rollout.anchors.shape[1]), float(rollout.thoughts.shape[-1])]
 
 
 def _load(model_dir: Path, cfg: QuietStarConfig, corpus: Corpus, seed: int) -> tuple[ThoughtModel, Any]:
     import phases.cognate.modeling  # noqa: F401 - registers the Cognate classes with the Auto API
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    for name in ("config.json",):
-        if not (model_dir / name).is_file():
-            raise ArtifactError(str(model_dir / name), "missing: not an HF model directory")
+    if not (model_dir / "config.json").is_file():
+        raise ArtifactError(str(model_dir / "config.json"), "missing: not an HF model directory")
     lm = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if len(tokenizer) < corpus.tokenizer.vocab_size or lm.get_input_embeddings().weight.shape[0] < \
@@ -178,7 +177,7 @@ def train_quietstar(model_dir: Path, cfg: QuietStarConfig, corpus: Corpus, *, se
         tasks = [t for k in TASK_KINDS for t in [t for t in corpus.heldout_tasks if t.kind == k][:cfg.eval_tasks]]
         if lead:  # before training: the reference the trained model is compared with
             input_nll = token_nll(model.lm, windows, batch_size=cfg.batch_size)
-            input_acc = _task_acc(model.lm, corpus, tasks)
+            input_acc = exact_match_accuracy(model.lm, corpus.tokenizer, tasks) if tasks else None
 
         opt = make_optimizer(model, cfg)
         resumed = load_train_state(work_dir, model, opt, fp, phase="quietstar")
@@ -203,7 +202,7 @@ def train_quietstar(model_dir: Path, cfg: QuietStarConfig, corpus: Corpus, *, se
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=False)
             opt.step()
             done = step + 1
-            record = _record(rollout, rollout.anchors.shape[1])
+            record = _record(rollout)
             records.append(_combine_records(record, world_size) if world_size > 1 else record)
             if not math.isfinite(records[-1][0]):
                 raise PhaseError("quietstar", f"the loss became {records[-1][0]} at step {done}; lower lr")
@@ -229,8 +228,8 @@ def train_quietstar(model_dir: Path, cfg: QuietStarConfig, corpus: Corpus, *, se
                 metrics[f"quietstar/eval_{key}_{name}"] = value
         if tasks:
             metrics["quietstar/tasks_accuracy_input"] = input_acc
-            metrics["quietstar/tasks_accuracy_base"] = _task_acc(model.lm, corpus, tasks)
-            metrics["quietstar/tasks_accuracy_thought"] = _task_acc(model, corpus, tasks)
+            metrics["quietstar/tasks_accuracy_base"] = exact_match_accuracy(model.lm, corpus.tokenizer, tasks)
+            metrics["quietstar/tasks_accuracy_thought"] = exact_match_accuracy(model, corpus.tokenizer, tasks)
         metrics["quietstar/steps"] = float(cfg.steps)
         metrics["quietstar/tokens"] = float(cfg.steps * cfg.batch_size * seq_len)
         model.to("cpu")
@@ -247,12 +246,6 @@ def _window_means(records: list[list[float]], window: int) -> dict[str, float]:
         out[f"quietstar/{name}"] = (min(vals) if name == "thought_coherence_min" else sum(vals) / len(vals)) \
             if vals else float("nan")
     return out
-
-
-def _task_acc(model: torch.nn.Module, corpus: Corpus, tasks: list) -> float:
-    from phases.data import task_accuracy
-
-    return task_accuracy(model, corpus.tokenizer, tasks, batch_size=32)["tasks/accuracy"] if tasks else float("nan")
 
 
 @torch.no_grad()
