@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 from coordinator.chaos import ChaosConfig
 from coordinator.errors import ConfigError
 from phases.cognate.config import CognateConfig
+from phases.bitnet.config import BitNetConfig
 from phases.compression.config import CompressConfig
 from phases.data.config import DataConfig, FrozenConfig, config_error
 from phases.evomerge.config import EvoMergeConfig
@@ -77,6 +78,7 @@ class PipelineConfig(FrozenConfig):
     cognate: CognateConfig = CognateConfig()
     evomerge: EvoMergeConfig = EvoMergeConfig()
     quietstar: QuietStarConfig = QuietStarConfig()
+    bitnet: BitNetConfig = BitNetConfig()
     compress: CompressConfig = CompressConfig()
 
     def section(self, phase: str) -> BaseModel | None:

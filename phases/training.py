@@ -54,9 +54,10 @@ def derived_seed(seed: int, tag: str | int) -> int:
 
 
 def save_train_state(work_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                     records: list, fingerprint: str) -> None:
-    """Checkpoint ``model``'s parameters, ``opt``'s per-parameter state and ``records`` at ``step``."""
-    tensors = {}
+                     records: list, fingerprint: str, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Checkpoint ``model``'s parameters, ``opt``'s per-parameter state, ``records`` and ``extra``
+    tensors (other training state, e.g. a gradient filter's) at ``step``."""
+    tensors = {f"extra/{k}": v.detach().clone() for k, v in (extra or {}).items()}
     for name, p in model.named_parameters():
         tensors[f"model/{name}"] = p.detach().clone()
         for key, value in opt.state.get(p, {}).items():  # absent for parameters never updated
@@ -72,8 +73,9 @@ def save_train_state(work_dir: Path, step: int, model: torch.nn.Module, opt: tor
 
 
 def load_train_state(work_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, fingerprint: str, *,
-                     phase: str) -> tuple[int, list] | None:
+                     phase: str, extra: dict[str, torch.Tensor] | None = None) -> tuple[int, list] | None:
     """Restore the newest checkpoint in ``work_dir`` that verifies: ``(step, records)``, or None.
+    ``extra``, when given, is filled with the ``extra`` tensors the checkpoint was saved with.
 
     Raises:
         PhaseError: the newest readable checkpoint was written for another fingerprint (another
@@ -99,5 +101,7 @@ def load_train_state(work_dir: Path, model: torch.nn.Module, opt: torch.optim.Op
                 state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim/{name}/")}
                 if state:
                     opt.state[p] = state
+        if extra is not None:
+            extra.update({k.removeprefix("extra/"): v for k, v in tensors.items() if k.startswith("extra/")})
         return int(meta["step"]), list(meta["records"])
     return None

@@ -285,6 +285,21 @@ def _recipe_bits(recipe: dict[str, str], packages: dict[str, dict[str, Any]]) ->
     return rest + sum(packages[c]["bits_by_weight"][n] for n, c in recipe.items())
 
 
+def _ternary_where_exact(names: list[str], packages: dict[str, Any], state: dict[str, Any]) -> list[dict[str, str]]:
+    """With the ternary codec on offer (a BitNet input), one more starting recipe per other
+    codec: ternary on the matrices that are exactly ternary (stored losslessly), that codec on
+    the rest (embeddings, LM head). Uniform ternary would also quantize those, and a random
+    search rarely finds the split across dozens of matrices."""
+    from phases.compression.ternary import is_ternary
+
+    if "ternary" not in packages:
+        return []
+    exact = {n for n in names if n in state and state[n].dim() == 2 and is_ternary(state[n])}
+    if not exact or len(exact) == len(names):
+        return []
+    return [{n: "ternary" if n in exact else c for n in names} for c in packages if c != "ternary"]
+
+
 class ArchitectureOptimizer(_CompressionRole):
     """``search``: one codec per weight matrix, NSGA-II (optuna) over retention and compression
     vs the fp32 input, each recipe assembled from the codec packages and measured on held-out
@@ -312,8 +327,9 @@ class ArchitectureOptimizer(_CompressionRole):
                     "bits": bits, "perplexity": q.perplexity, "token_accuracy": q.token_accuracy}
 
         uniform = [{n: c for n in names} for c in packages]
+        initial = uniform + _ternary_where_exact(names, packages, reference.state_dict())
         result = search_recipes({n: list(packages) for n in names}, evaluate, trials=int(cfg["search_trials"]),
-                                seed=int(payload["seed"]), initial=uniform)
+                                seed=int(payload["seed"]), initial=initial)
         choice = result.choose(weights=(float(cfg["weight_compression"]), float(cfg["weight_retention"])),
                                min_retention=float(cfg["min_retention"]))
         path = _task_dir(payload, task) / "search.json"

@@ -3,7 +3,7 @@
 ``PackedBitLinear`` holds a layer's ternary codes packed (``packing.py``: 2 or 1.6 bits per
 weight) and its scale gamma. Each forward decodes only this layer's codes with one table lookup
 per byte (``packing.decode_table``: 256 entries of 4 or 5 codes), quantizes the activations to
-8 bits per token (absmax, as in training) and multiplies:
+8 bits per token (absmax, as in training) and multiplies (``quant.ternary_linear``):
 
     y = (x_int @ codes^T) * gamma / s_x + bias
 
@@ -11,7 +11,8 @@ The integer products run as float32 matmuls, exact (sums of at most 127 * in_fea
 for in_features up to 132,000): on CPU ``torch._int_mm`` measured 45x slower than the float
 matmul of the same shape (1376 x 512 x 512, torch 2.13, one thread), so it is not used. The
 model never holds all its float weights: at rest it is the packed bytes, and at most one layer's
-decoded codes exist at a time. Equal to ``BitLinear``'s eval forward up to float rounding.
+decoded codes exist at a time. ``BitLinear`` in eval mode runs the same arithmetic, so a packed
+model gives exactly the QAT model's outputs.
 
 ``save_packed`` writes an HF config plus ``bitnet.safetensors`` (packed codes, scales, and
 every other tensor in full precision) and ``bitnet.json`` (format, packed layers, shapes);
@@ -28,7 +29,7 @@ from torch import nn
 
 from coordinator.errors import ArtifactError
 from phases.bitnet.packing import FORMATS, check, decode_table, pack, packed_bytes, unpack
-from phases.bitnet.quant import EPS, BitLinear, ternary_codes
+from phases.bitnet.quant import BitLinear, ternary_codes, ternary_linear
 
 __all__ = ["PACKED_FILE", "PACKED_META", "PackedBitLinear", "pack_model", "save_packed", "load_packed"]
 
@@ -61,7 +62,7 @@ class PackedBitLinear(nn.Module):
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear, fmt: str) -> PackedBitLinear:
-        codes, gamma = ternary_codes(layer.weight)
+        codes, gamma = ternary_codes(layer.weight, layer.threshold)
         return cls(pack(codes, fmt), gamma, (layer.out_features, layer.in_features), fmt,
                    None if layer.bias is None else layer.bias, layer.activation_bits)
 
@@ -71,16 +72,9 @@ class PackedBitLinear(nn.Module):
             self.out_features, self.in_features).to(self.packed.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features).float()
-        scale = 127.0 / flat.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)  # (M, 1) per token
-        x_int = (flat * scale).round().clamp(-128, 127)  # integers, kept as float32
         n = self.out_features * self.in_features
         codes = self.table[self.packed.long()].reshape(-1)[:n].reshape(self.out_features, self.in_features)
-        y = (x_int @ codes.T) * (self.gamma / scale)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        return ternary_linear(x, codes, self.gamma, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}"

@@ -17,6 +17,9 @@ with ``AutoConfig`` / ``AutoModelForCausalLM``; after that ``from_pretrained(dir
 Generation recomputes the whole prefix each step (no KV cache): per-token pondering and the
 chunked memory make cached states step-dependent, and tiny models do not need the speed.
 
+``sub_norm`` adds BitNet's SubLN (an RMSNorm before ``o_proj`` and before ``down_proj``); off
+in phase 1, turned on by phase 4 (``phases/bitnet``).
+
 Parallel thoughts (Quiet-STaR, ``phases/quietstar/mask.py``): ``attention_mask`` may also be a
 boolean (B or 1, 1, T, T) mask (True = may attend), used as-is by every attention, with the
 caller's ``position_ids``; ``memory_anchors`` (T,), or (B, T) for a layout per row, then keeps
@@ -61,7 +64,8 @@ class CognateModelConfig(PretrainedConfig):
                  act_max_steps_infer: int = 2, act_halt_bias: float = 1.0, memory_enabled: bool = False,
                  memory_slots: int = 64, memory_dim: int | None = None, memory_chunk_size: int = 16,
                  memory_max_lr: float = 1.0, variant: str = "base", use_cache: bool = False,
-                 bos_token_id: int | None = 256, eos_token_id: int | None = 256, pad_token_id: int | None = 257,
+                 sub_norm: bool = False, bos_token_id: int | None = 256, eos_token_id: int | None = 256,
+                 pad_token_id: int | None = 257,
                  **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -83,6 +87,9 @@ class CognateModelConfig(PretrainedConfig):
         self.memory_chunk_size = memory_chunk_size
         self.memory_max_lr = memory_max_lr
         self.variant = variant
+        # SubLN (BitNet b1.58, microsoft/BitNet gpu/model.py): an RMSNorm before the attention's
+        # output projection and before the MLP's down projection. Phase 4 turns it on.
+        self.sub_norm = sub_norm
         self.use_cache = use_cache  # there is no KV cache (see the module docstring)
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
@@ -152,6 +159,7 @@ class CognateAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.o_proj.residual_out = True  # marks the scaled init (HF initialises leaf modules)
+        self.sub_norm = CognateRMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sub_norm else nn.Identity()
 
     def forward(self, x, cos, sin, attn_mask):
         bsz, seq, width = x.shape
@@ -159,7 +167,7 @@ class CognateAttention(nn.Module):
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, width))  # (B, T, C)
+        return self.o_proj(self.sub_norm(out.transpose(1, 2).reshape(bsz, seq, width)))  # (B, T, C)
 
 
 class CognateMLP(nn.Module):
@@ -169,9 +177,10 @@ class CognateMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.down_proj.residual_out = True
+        self.sub_norm = CognateRMSNorm(cfg.intermediate_size, cfg.rms_norm_eps) if cfg.sub_norm else nn.Identity()
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(self.sub_norm(F.silu(self.gate_proj(x)) * self.up_proj(x)))  # SwiGLU
 
 
 class CognateBlock(nn.Module):

@@ -74,8 +74,9 @@ def test_readme_main_command_writes_the_run_folder(reference_run):
 
 
 def test_the_tiny_run_ends_in_a_compressed_model(reference_run):
-    """Phase 8 on the README run: the hybrid strategy with every codec; the model is the package
-    (loaded through its compressed form), the report plots the Pareto front, ONNX matches."""
+    """Phase 8 on the README run: the quantization strategy on BitNet's model with every codec;
+    the model is the package (loaded through its compressed form), the report plots the Pareto
+    front, ONNX matches."""
     from phases.compression.package import load_model
 
     run_dir, _ = reference_run
@@ -85,11 +86,11 @@ def test_the_tiny_run_ends_in_a_compressed_model(reference_run):
     model = load_model(run_dir / result["model"]["path"])
     assert model.config.vocab_size == 260  # the byte vocabulary + phase 3's start/end-of-thought tokens
     assert m["compression/ratio_vs_fp32"] > 4 and m["compression/gate_passed"] is True
-    for codec in ("int8", "int4", "vptq", "seedlm"):
+    for codec in ("ternary", "int8", "int4", "vptq", "seedlm"):
         assert f"compression/{codec}/ratio_vs_fp32" in m and f"compression/{codec}/retention" in m, codec
     assert m["compression/onnx_max_abs_diff"] < 1e-3
     report = json.loads((run_dir / "08_compress" / "compression_report.json").read_text())
-    assert set(report["stages"]) == {"prune", "distill"} and report["stages"]["prune"]["sparsity"] > 0.5
+    assert not report["stages"]  # quantization only: no prune or distill stage
     assert "compression: Pareto front" in (run_dir / "report.html").read_text()
     assert "compression: profile" in (run_dir / "report.html").read_text()
     # the phase's metrics went to W&B (offline: the run's log holds the keys)
@@ -128,6 +129,35 @@ def test_the_tiny_run_trains_thoughts(reference_run):
     assert set(logged["columns"]) == set(rows[0]) and len(logged["data"]) == 8
 
 
+def test_the_tiny_run_quantizes_to_ternary(reference_run):
+    """Phase 4 on the README run: the packed model stores its ternary layers at 1.6 bits per
+    weight and reloads to the QAT model's predictions; the HF export holds exactly ternary
+    matrices, which phase 8 then stores with its lossless ternary codec."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from phases.bitnet.packed import PackedBitLinear, load_packed
+
+    run_dir, _ = reference_run
+    result = json.loads((run_dir / "04_bitnet" / "result.json").read_text())
+    assert result["success"], result["error"]
+    m = result["metrics"]
+    assert m["bitnet/ternary_bits_per_weight"] <= 1.67 and m["bitnet/compression_ratio"] > 2
+    assert m["bitnet/calibration_samples"] == 100 and m["bitnet/steps"] == 60
+    assert m["bitnet/accuracy_retention"] > m["bitnet/accuracy_retention_before_qat"], "QAT recovers accuracy"
+    assert m["bitnet/packed_max_abs_logit_diff"] < 1e-3
+    packed = load_packed(run_dir / result["artifacts"]["packed_model"]["path"])
+    assert sum(isinstance(x, PackedBitLinear) for x in packed.modules()) == m["bitnet/ternary_layers"]
+    export = AutoModelForCausalLM.from_pretrained(run_dir / result["model"]["path"])
+    assert export.config.sub_norm and len(export.config.bitnet["layers"]) == m["bitnet/ternary_layers"]
+    for name in export.config.bitnet["layers"]:
+        assert torch.unique(export.get_submodule(name).weight.abs()).numel() <= 2, name  # {0, scale}
+    report = json.loads((run_dir / "04_bitnet" / "bitnet_performance_report.json").read_text())
+    assert report["packed"]["quality"]["token_accuracy"] == pytest.approx(m["bitnet/token_accuracy"])
+    compress = json.loads((run_dir / "08_compress" / "result.json").read_text())["metrics"]
+    assert "compression/ternary/ratio_vs_fp32" in compress
+
+
 def test_status_json_reads_the_run(reference_run):
     run_dir, _ = reference_run
     proc = _agentforge("status", str(run_dir), "--json", cwd=run_dir.parent)
@@ -146,8 +176,8 @@ def test_sigkill_mid_search_then_resume_gives_identical_hashes(reference_run, tm
     tests/coordinator/test_compress_phase.py)."""
     run_dir, _ = reference_run
     killed = tmp_path / "killed"
-    shutil.copytree(run_dir, killed, ignore=shutil.ignore_patterns("02_evomerge", "03_quietstar", "08_compress", "wandb",
-                                                          "report.html"))
+    shutil.copytree(run_dir, killed, ignore=shutil.ignore_patterns("02_evomerge", "03_quietstar", "04_bitnet",
+                                                          "08_compress", "wandb", "report.html"))
     state = killed / "02_evomerge" / "work" / "evolution.json"
     proc = subprocess.Popen([*agentforge_cmd(), "resume", str(killed), "--wandb", "disabled"],
                             cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -167,7 +197,8 @@ def test_sigkill_mid_search_then_resume_gives_identical_hashes(reference_run, tm
     assert re.search(r"phase 1 cognate: skipped, result and \d+ artifact\(s\) verified", resumed.stderr)
     assert "evomerge: resuming after generation" in resumed.stderr
     assert not (killed / "03_quietstar" / "result.json").exists(), "--until evomerge stops after phase 2"
-    reference = {k: v for k, v in _model_hashes(run_dir).items() if not k.startswith(("03_quietstar", "08_compress"))}
+    reference = {k: v for k, v in _model_hashes(run_dir).items()
+                 if not k.startswith(("03_quietstar", "04_bitnet", "08_compress"))}
     assert _model_hashes(killed) == reference, "resumed run must equal the uninterrupted one bit for bit"
 
 
@@ -192,18 +223,18 @@ def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, monke
 
 
 def test_unbuilt_phase_fails_with_a_clear_reason(tmp_path, capsys, monkeypatch):
-    code, err = _main_in_process(["run", "--phases", "bitnet"], tmp_path, capsys, monkeypatch)
+    code, err = _main_in_process(["run", "--phases", "forge"], tmp_path, capsys, monkeypatch)
     assert code == 1
     last = err.strip().splitlines()[-1]
-    assert "bitnet" in last and "not built yet" in last and "issue #7" in last
+    assert "forge" in last and "not built yet" in last and "issue #8" in last
 
 
 def test_resume_until_a_phase_not_in_the_run_names_the_runs_phases(reference_run, capsys, monkeypatch):
     run_dir, _ = reference_run
     before = _model_hashes(run_dir)
-    code, err = _main_in_process(["resume", str(run_dir), "--until", "bitnet"], run_dir.parent, capsys, monkeypatch)
+    code, err = _main_in_process(["resume", str(run_dir), "--until", "forge"], run_dir.parent, capsys, monkeypatch)
     assert code == 2
-    assert "--until 'bitnet'" in err and "1 cognate, 2 evomerge, 3 quietstar, 8 compress" in err
+    assert "--until 'forge'" in err and "1 cognate, 2 evomerge, 3 quietstar, 4 bitnet, 8 compress" in err
     assert _model_hashes(run_dir) == before
 
 
@@ -234,10 +265,10 @@ def test_phase_command_runs_one_phase(reference_run, tmp_path):
 def test_phase_command_refuses_unbuilt_phases(reference_run, tmp_path, capsys, monkeypatch):
     run_dir, _ = reference_run
     model = json.loads((run_dir / "02_evomerge" / "result.json").read_text())["model"]["path"]
-    code, err = _main_in_process(["phase", "bitnet", "--models", str(run_dir / model), "--out", "three"],
+    code, err = _main_in_process(["phase", "forge", "--models", str(run_dir / model), "--out", "three"],
                                  tmp_path, capsys, monkeypatch)
-    assert code == 1 and "bitnet" in err and "not built yet" in err
-    assert not (tmp_path / "three" / "04_bitnet").exists()
+    assert code == 1 and "forge" in err and "not built yet" in err
+    assert not (tmp_path / "three" / "05_forge").exists()
 
 
 def test_loaded_model_generates(reference_run):
