@@ -15,6 +15,10 @@ subprocess (so one's allocations cannot hide the other's):
 - latency (another child, the default allocator): p50 / p95 of ``--repeats`` forward passes on a fixed ``--batch`` x ``--seq`` batch of
   ids (no gradient, eval mode, ``--threads`` torch threads), after two warm-up passes.
 
+The packed model is measured with both kernels (``phases/bitnet/packed.py``): ``decode`` (codes
+decoded per layer per forward, 1.6-2 bits per weight in memory) and, on x86, ``int8`` (decoded
+once at load into fbgemm's int8 weight, 8 bits per weight; same bytes on disk).
+
 Ratios are fp32 / packed for size and memory, packed / fp32 for latency (below 1 = faster).
 
 Usage: python benchmarks/bitnet.py [--d-model 512] [--layers 4] [--d-ff 1376] [--vocab 258]
@@ -60,7 +64,9 @@ def _child(kind: str, model_dir: str, warm_dir: str, batch: int, seq: int, repea
     from phases.bitnet.packed import load_packed
 
     def load(path: str):
-        return (load_packed(path) if kind == "packed" else AutoModelForCausalLM.from_pretrained(path)).eval()
+        if kind.startswith("packed"):
+            return load_packed(path, kernel="int8" if kind == "packed-int8" else "decode").eval()
+        return AutoModelForCausalLM.from_pretrained(path).eval()
 
     torch.set_num_threads(threads)
     ids = torch.randint(0, 200, (batch, seq), generator=torch.Generator().manual_seed(0))
@@ -123,7 +129,7 @@ def main() -> int:
 
     import torch
 
-    from phases.bitnet.packed import PACKED_FILE, PackedBitLinear, save_packed
+    from phases.bitnet.packed import PACKED_FILE, PackedBitLinear, int8_kernel_available, save_packed
     from phases.bitnet.quant import replace_linears
     from phases.cognate.modeling import CognateForCausalLM, CognateModelConfig
 
@@ -150,6 +156,7 @@ def main() -> int:
         save_packed(warm, tmp / "warm-packed", args.format)
         fp32 = _measure("fp32", tmp / "fp32", tmp / "warm-fp32", args)
         packed = _measure("packed", tmp / "packed", tmp / "warm-packed", args)
+        int8 = _measure("packed-int8", tmp / "packed", tmp / "warm-packed", args) if int8_kernel_available() else None
 
     out = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -160,20 +167,28 @@ def main() -> int:
         "bytes_on_disk": {"fp32": fp32_bytes, "packed": packed_bytes},
         "size_ratio": fp32_bytes / packed_bytes,
         "ternary_layers_ratio": 32 * ternary_weights / ternary_bits,
-        "fp32": fp32, "packed": packed,
+        "fp32": fp32, "packed": packed, "packed_int8": int8,
         "peak_memory_ratio": fp32["peak_rss_growth_bytes"] / max(1, packed["peak_rss_growth_bytes"]),
         "latency_ratio_p50": packed["p50_ms"] / fp32["p50_ms"],
     }
+    if int8:
+        out["int8_peak_memory_ratio"] = fp32["peak_rss_growth_bytes"] / max(1, int8["peak_rss_growth_bytes"])
+        out["int8_latency_ratio_p50"] = int8["p50_ms"] / fp32["p50_ms"]
     print(f"BitNet packed vs fp32: {out['command']}")
     print(f"{out['machine']}; model {params:,} params, {len(layers)} ternary layers ({ternary_weights:,} weights), "
           f"format {args.format}; batch {args.batch} x {args.seq} tokens, {args.repeats} timed forwards")
     print(f"ternary layers as stored: {out['ternary_bits_per_weight']:.3f} bits/weight "
           f"({out['ternary_layers_ratio']:.1f}x smaller than fp32)")
-    print(f"{'model':8} {'bytes on disk':>14} {'peak RSS growth':>16} {'p50 ms':>8} {'p95 ms':>8}")
-    for name, m, size in (("fp32", fp32, fp32_bytes), ("packed", packed, packed_bytes)):
-        print(f"{name:8} {size:>14,} {m['peak_rss_growth_bytes']:>16,} {m['p50_ms']:>8.2f} {m['p95_ms']:>8.2f}")
-    print(f"size {out['size_ratio']:.2f}x smaller, peak memory {out['peak_memory_ratio']:.2f}x lower, "
+    print(f"{'model':11} {'bytes on disk':>14} {'peak RSS growth':>16} {'p50 ms':>8} {'p95 ms':>8}")
+    rows = [("fp32", fp32, fp32_bytes), ("packed", packed, packed_bytes)]
+    rows += [("packed-int8", int8, packed_bytes)] if int8 else []
+    for name, m, size in rows:
+        print(f"{name:11} {size:>14,} {m['peak_rss_growth_bytes']:>16,} {m['p50_ms']:>8.2f} {m['p95_ms']:>8.2f}")
+    print(f"size {out['size_ratio']:.2f}x smaller; kernel decode: peak memory {out['peak_memory_ratio']:.2f}x lower, "
           f"latency {out['latency_ratio_p50']:.2f}x of fp32 (p50)")
+    if int8:
+        print(f"kernel int8: peak memory {out['int8_peak_memory_ratio']:.2f}x lower, "
+              f"latency {out['int8_latency_ratio_p50']:.2f}x of fp32 (p50)")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0

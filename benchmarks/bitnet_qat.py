@@ -6,7 +6,7 @@ packed storage, reload and measurement) once per variant of the ``bitnet:`` sect
 
 - ``preset``: the preset's section as it is;
 - ``absmean``: BitNet's absmean quantizer everywhere (``sparsity_thresholds: false``);
-- ``no-subln``: without SubLN;
+- ``subln``: with SubLN (the preset has it off);
 - ``grokfast``: with the Grokfast EMA filter (alpha 0.98, lamb 2);
 - ``no-qat``: quantized after calibration, no fine-tuning (``steps: 0``);
 - ``2bit``: stored at 2 bits per weight instead of base 3.
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = {
     "preset": {},
     "absmean": {"sparsity_thresholds": False},
-    "no-subln": {"sub_norm": False},
+    "subln": {"sub_norm": True},
     "grokfast": {"grokfast": {"enabled": True}},
     "no-qat": {"steps": 0},
     "2bit": {"packing": "2bit"},

@@ -29,10 +29,13 @@ class BitNetConfig(FrozenConfig):
     # Linear layers that stay in full precision: a name matches when equal to an entry or ending
     # in "." + it. Embeddings are never Linear and always stay.
     keep: tuple[str, ...] = ("lm_head",)
-    # SubLN (an RMSNorm before the attention output and MLP down projections), Cognate models
-    # only; its gains start at the RMS calibration measured there, so the model starts close to
-    # its input. Other model types raise an error with this on.
-    sub_norm: bool = True
+    # SubLN (an RMSNorm before the attention output and MLP down projections, as BitNet b1.58
+    # places them), Cognate models only; its gains start at the RMS calibration measured there,
+    # so the model starts close to its input. Off by default: added to an already trained model
+    # it costs accuracy that a short QAT does not win back (tiny, 3 seeds: retention 0.938-0.973
+    # with it, 0.985-0.996 without; benchmarks/bitnet_qat.py). Turn it on for long QAT or a
+    # model trained as BitNet. Other model types raise an error with it on.
+    sub_norm: bool = False
 
     # -- calibration -----------------------------------------------------------------------------
     calibration_samples: int = Field(100, ge=1)  # training windows whose activations are recorded
@@ -66,6 +69,9 @@ class BitNetConfig(FrozenConfig):
     profile_batch: int = Field(4, ge=1)  # the fixed batch timed for latency and memory
     profile_seq_len: int = Field(64, ge=1)
     profile_repeats: int = Field(10, ge=1)
+    # The packed layers' kernel for the measured latency and memory (phases/bitnet/packed.py):
+    # "decode" (1.6-2 bits per weight in memory) or "int8" (x86 only: about 2x faster, 8 bits).
+    kernel: Literal["decode", "int8"] = "decode"
 
     @model_validator(mode="after")
     def _check(self) -> BitNetConfig:

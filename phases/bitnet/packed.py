@@ -14,6 +14,17 @@ model never holds all its float weights: at rest it is the packed bytes, and at 
 decoded codes exist at a time. ``BitLinear`` in eval mode runs the same arithmetic, so a packed
 model gives exactly the QAT model's outputs.
 
+Kernels (``kernel=``): ``"decode"`` (the default) as above: at rest 1.6 or 2 bits per weight.
+``"int8"``: the codes are decoded once, at load, into an int8 weight prepacked for fbgemm's int8
+GEMM (``torch.ops.quantized.linear_dynamic``, x86), and each forward multiplies the 8-bit
+activations by it with int32 accumulation: measured about 2x faster than the float32 matmul of
+the same shape, at 8 bits per weight in memory. The activations are handed over as exact
+integers: one extra row holding -128 and 127 pins the kernel's dynamic range to 255 (scale 1,
+zero point 128) and ``reduce_range`` is off, which is safe here because products with ternary
+weights cannot saturate its 16-bit pair sums. Both kernels give bit-identical outputs. The
+``torch.ao`` quantized ops are deprecated in torch 2.13 in favour of torchao, whose CPU int8 path
+(``torch._int_mm``) measured 45x slower: replace this when torchao has an x86 int8 GEMM.
+
 ``save_packed`` writes an HF config plus ``bitnet.safetensors`` (packed codes, scales, and
 every other tensor in full precision) and ``bitnet.json`` (format, packed layers, shapes);
 ``load_packed`` rebuilds the model from them, the ternary weights bit-exact.
@@ -31,21 +42,49 @@ from coordinator.errors import ArtifactError
 from phases.bitnet.packing import FORMATS, check, decode_table, pack, packed_bytes, unpack
 from phases.bitnet.quant import BitLinear, ternary_codes, ternary_linear
 
-__all__ = ["PACKED_FILE", "PACKED_META", "PackedBitLinear", "pack_model", "save_packed", "load_packed"]
+__all__ = ["KERNELS", "PACKED_FILE", "PACKED_META", "PackedBitLinear", "int8_kernel_available", "pack_model",
+           "save_packed", "load_packed"]
 
 PACKED_FILE = "bitnet.safetensors"
 PACKED_META = "bitnet.json"
 _FORMAT = 1
+KERNELS = ("decode", "int8")
+
+
+def int8_kernel_available() -> bool:
+    """Whether this torch build has the fbgemm int8 GEMM the ``"int8"`` kernel needs (x86)."""
+    return any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
+
+
+def _prepack_int8(codes: torch.Tensor) -> Any:
+    """fbgemm's prepacked int8 weight of ternary ``codes`` (out, in), scale 1, zero point 0."""
+    import warnings
+
+    with warnings.catch_warnings():  # torch.ao quantized tensors are deprecated (module docstring)
+        warnings.simplefilter("ignore", UserWarning)
+        weight = torch.quantize_per_tensor(codes.float(), 1.0, 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(weight, None)
+
+
+def _int8_product(x_int: torch.Tensor, prepacked: Any) -> torch.Tensor:
+    """``x_int @ codes^T`` exactly, by the int8 GEMM (module docstring: the range row)."""
+    edge = x_int.new_zeros(1, x_int.shape[1])
+    edge[0, 0], edge[0, -1] = -128.0, 127.0
+    return torch.ops.quantized.linear_dynamic(torch.cat([x_int, edge]), prepacked, False)[:x_int.shape[0]]
 
 
 class PackedBitLinear(nn.Module):
     """A ternary linear layer stored packed; see the module docstring."""
 
     def __init__(self, packed: torch.Tensor, gamma: torch.Tensor, shape: tuple[int, int], fmt: str,
-                 bias: torch.Tensor | None = None, activation_bits: int = 8):
+                 bias: torch.Tensor | None = None, activation_bits: int = 8, kernel: str = "decode"):
         super().__init__()
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        if kernel == "int8" and not int8_kernel_available():
+            raise ValueError("kernel 'int8' needs torch's fbgemm int8 GEMM (x86 builds); use kernel 'decode'")
         out_features, in_features = shape
         if packed.numel() != packed_bytes(out_features * in_features, fmt):
             raise ValueError(f"{packed.numel()} packed bytes do not hold a {out_features}x{in_features} weight "
@@ -59,6 +98,9 @@ class PackedBitLinear(nn.Module):
         self.register_buffer("table", decode_table(fmt), persistent=False)
         self.register_buffer("gamma", gamma.detach().float().reshape(()))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.kernel = kernel
+        # not a buffer: derived from `packed` at construction, never saved
+        self._int8 = _prepack_int8(self.codes()) if kernel == "int8" and in_features >= 2 else None
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear, fmt: str) -> PackedBitLinear:
@@ -72,12 +114,18 @@ class PackedBitLinear(nn.Module):
             self.out_features, self.in_features).to(self.packed.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._int8 is not None:
+            return ternary_linear(x, None, self.gamma, self.bias, product=lambda xi: _int8_product(xi, self._int8))
         n = self.out_features * self.in_features
-        codes = self.table[self.packed.long()].reshape(-1)[:n].reshape(self.out_features, self.in_features)
+        # index_select, not table[packed.long()]: 4x faster on CPU (0.86 vs 3.4 ms for a 1376 x 512
+        # base-3 layer, one thread, torch 2.13)
+        codes = self.table.index_select(0, self.packed.int()).reshape(-1)[:n].reshape(self.out_features,
+                                                                                     self.in_features)
         return ternary_linear(x, codes, self.gamma, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}, "
+                f"kernel={self.kernel}")
 
 
 def pack_model(model: nn.Module, fmt: str) -> list[str]:
@@ -114,8 +162,9 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, tokenizer: Any 
     return publish_dir(tmp, out_dir)
 
 
-def load_packed(model_dir: str | Path) -> nn.Module:
-    """Rebuild a model written by ``save_packed``: its config, packed layers and other tensors.
+def load_packed(model_dir: str | Path, *, kernel: str = "decode") -> nn.Module:
+    """Rebuild a model written by ``save_packed``: its config, packed layers and other tensors;
+    its packed layers compute with ``kernel`` (module docstring).
 
     Raises:
         ArtifactError: the meta file or the tensors are missing, altered or do not fit the config.
@@ -141,7 +190,7 @@ def load_packed(model_dir: str | Path) -> nn.Module:
         for layer, info in layers.items():
             parent, _, child = layer.rpartition(".")
             module = PackedBitLinear(tensors[f"{layer}.packed"], tensors[f"{layer}.gamma"], tuple(info["shape"]), fmt,
-                                     tensors.get(f"{layer}.bias") if info["bias"] else None)
+                                     tensors.get(f"{layer}.bias") if info["bias"] else None, kernel=kernel)
             setattr(model.get_submodule(parent) if parent else model, child, module)
         model.load_state_dict(tensors, strict=True, assign=True)
         leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -21,7 +21,7 @@ notes; these are not taken from it.)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -83,21 +83,22 @@ def ste(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
     return x + (quantized - x).detach()
 
 
-def ternary_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
+def ternary_linear(x: torch.Tensor, codes: torch.Tensor | None, scale: torch.Tensor, bias: torch.Tensor | None, *,
+                   product: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Inference form of a ternary layer: ``x`` quantized to 8 bits per token (absmax), then
     ``y = (x_int @ codes^T) * scale / s_x + bias``. The integer products run as a float32
     matmul, exact while sums stay below 2^24 (127 * in_features < 2^24: in_features up to
     132,000). ``codes`` (out, in) float in {-1, 0, 1}; ``scale`` 0-d. Used by ``BitLinear`` in
-    eval mode and by ``PackedBitLinear``, so a packed model reproduces the QAT model exactly."""
+    eval mode and by ``PackedBitLinear``, so a packed model reproduces the QAT model exactly.
+    ``product``, when given, computes ``x_int @ codes^T`` instead (an exact integer kernel)."""
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1]).float()
     s_x = 127.0 / flat.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)  # (M, 1) per token
     x_int = (flat * s_x).round().clamp(-128, 127)  # integers, kept as float32
-    y = (x_int @ codes.T) * (scale / s_x)
+    y = (x_int @ codes.T if product is None else product(x_int)) * (scale / s_x)
     if bias is not None:
         y = y + bias
-    return y.to(x.dtype).reshape(*lead, codes.shape[0])
+    return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
 
 class BitLinear(nn.Linear):

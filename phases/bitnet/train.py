@@ -53,7 +53,7 @@ ProgressFn = Callable[[int, int], None]
 DATA_TAG = 0x0B17  # data stream of phase 4's QAT (derived_seed(seed, DATA_TAG))
 RECORD_FIELDS = ("qat_loss", "grad_norm")
 _NOT_TRAINING = {"checkpoint_every", "log_every", "eval_batches", "eval_tasks", "profile_batch", "profile_seq_len",
-                 "profile_repeats", "packing"}
+                 "profile_repeats", "packing", "kernel"}
 _MIB = 2.0 ** 20
 
 
@@ -233,10 +233,10 @@ def train_bitnet(model_dir: Path, cfg: BitNetConfig, corpus: Corpus, *, seed: in
 
     # -- storage and the packed model's measurements --------------------------------------------
     info = {"layers": sorted(table), "packing": cfg.packing, "thresholds": thresholds, "activation_bits": 8,
-            "sub_norm": cfg.sub_norm, "packed_dir": packed_dir.name}
+            "sub_norm": cfg.sub_norm}
     _export_hf(model, tokenizer, out_dir, info)
     save_packed(model, packed_dir, cfg.packing, tokenizer)
-    packed = load_packed(packed_dir)
+    packed = load_packed(packed_dir, kernel=cfg.kernel)
     packed_layers = [m for m in packed.modules() if isinstance(m, PackedBitLinear)]
     packed_quality = _quality(packed, corpus, cfg, tasks)
     with torch.no_grad():

@@ -13,7 +13,7 @@ from torch import nn
 from coordinator.errors import PhaseError
 from phases.bitnet.calibrate import add_sub_norm, choose_thresholds, collect, target_layers
 from phases.bitnet.config import BitNetConfig
-from phases.bitnet.packed import PackedBitLinear, load_packed
+from phases.bitnet.packed import PackedBitLinear, int8_kernel_available, load_packed
 from phases.bitnet.quant import BitLinear, ternary_codes, weight_quant
 from phases.bitnet.train import train_bitnet
 from phases.cognate import CognateConfig
@@ -25,9 +25,9 @@ from serialization.checkpoint import sha256_dir
 from tests.phases.tiny_cognate import tiny_cognate
 
 DATA = DataConfig(seq_len=24)
-CFG = BitNetConfig(calibration_samples=12, calibration_rows=64, sparsity_thresholds=True, steps=4, batch_size=4,
-                   lr=1e-3, lr_warmup_steps=1, checkpoint_every=2, log_every=2, eval_batches=1, eval_tasks=2,
-                   profile_batch=2, profile_seq_len=16, profile_repeats=2, grokfast={"enabled": True})
+CFG = BitNetConfig(calibration_samples=12, calibration_rows=64, sparsity_thresholds=True, sub_norm=True, steps=4,
+                   batch_size=4, lr=1e-3, lr_warmup_steps=1, checkpoint_every=2, log_every=2, eval_batches=1,
+                   eval_tasks=2, profile_batch=2, profile_seq_len=16, profile_repeats=2, grokfast={"enabled": True})
 
 
 # -- the quantizer with a sparsity threshold ------------------------------------------------------
@@ -49,8 +49,12 @@ def test_bitlinear_eval_is_the_packed_arithmetic_and_training_passes_gradients()
     layer(x).sum().backward()  # training mode: the STE
     assert x.grad.abs().sum() > 0 and layer.weight.grad.abs().sum() > 0
     layer.eval()
+    packed = PackedBitLinear.from_bitlinear(layer, "base3")
     with torch.no_grad():
-        assert torch.equal(layer(x), PackedBitLinear.from_bitlinear(layer, "base3")(x))
+        assert torch.equal(layer(x), packed(x))
+        if int8_kernel_available():  # fbgemm's int8 GEMM: exact integer products, the same bits
+            int8 = PackedBitLinear(packed.packed, packed.gamma, (7, 40), "base3", packed.bias, kernel="int8")
+            assert torch.equal(int8(x), packed(x)) and torch.equal(int8(x[0, :1]), packed(x[0, :1]))
 
 
 # -- calibration ------------------------------------------------------------------------------
