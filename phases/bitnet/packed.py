@@ -2,7 +2,8 @@
 
 ``PackedBitLinear`` holds a layer's ternary codes packed (``packing.py``: 2 or 1.6 bits per
 weight) and its scale gamma. Each forward decodes only this layer's codes with one table lookup
-per byte (``packing.decode_table``: 256 entries of 4 or 5 codes), quantizes the activations to
+per byte (``packing.decode_table``: 256 entries of 4 or 5 codes), in tiles of output rows of at
+most ``TILE_WEIGHTS`` weights, quantizes the activations to
 8 bits per token (absmax, as in training) and multiplies (``quant.ternary_linear``):
 
     y = (x_int @ codes^T) * gamma / s_x + bias
@@ -10,8 +11,8 @@ per byte (``packing.decode_table``: 256 entries of 4 or 5 codes), quantizes the 
 The integer products run as float32 matmuls, exact (sums of at most 127 * in_features < 2^24
 for in_features up to 132,000): on CPU ``torch._int_mm`` measured 45x slower than the float
 matmul of the same shape (1376 x 512 x 512, torch 2.13, one thread), so it is not used. The
-model never holds all its float weights: at rest it is the packed bytes, and at most one layer's
-decoded codes exist at a time. ``BitLinear`` in eval mode runs the same arithmetic, so a packed
+model never holds all its float weights: at rest it is the packed bytes, and at most one tile
+of decoded codes exists at a time. ``BitLinear`` in eval mode runs the same arithmetic, so a packed
 model gives exactly the QAT model's outputs.
 
 Kernels (``kernel=``): ``"decode"`` (the default) as above: at rest 1.6 or 2 bits per weight.
@@ -32,6 +33,7 @@ every other tensor in full precision) and ``bitnet.json`` (format, packed layers
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ import torch
 from torch import nn
 
 from coordinator.errors import ArtifactError
-from phases.bitnet.packing import FORMATS, check, decode_table, pack, packed_bytes, unpack
+from phases.bitnet.packing import FORMATS, check, decode_table, pack, packed_bytes, unpack, weights_per_byte
 from phases.bitnet.quant import BitLinear, ternary_codes, ternary_linear
 
 __all__ = ["KERNELS", "PACKED_FILE", "PACKED_META", "PackedBitLinear", "int8_kernel_available", "pack_model",
@@ -49,6 +51,9 @@ PACKED_FILE = "bitnet.safetensors"
 PACKED_META = "bitnet.json"
 _FORMAT = 1
 KERNELS = ("decode", "int8")
+# The decode kernel decodes a layer in tiles of output rows holding at most this many weights
+# (1 MiB of float32), so its transient memory does not grow with the layer.
+TILE_WEIGHTS = 1 << 18
 
 
 def int8_kernel_available() -> bool:
@@ -116,12 +121,28 @@ class PackedBitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._int8 is not None:
             return ternary_linear(x, None, self.gamma, self.bias, product=lambda xi: _int8_product(xi, self._int8))
-        n = self.out_features * self.in_features
-        # index_select, not table[packed.long()]: 4x faster on CPU (0.86 vs 3.4 ms for a 1376 x 512
-        # base-3 layer, one thread, torch 2.13)
-        codes = self.table.index_select(0, self.packed.int()).reshape(-1)[:n].reshape(self.out_features,
-                                                                                     self.in_features)
-        return ternary_linear(x, codes, self.gamma, self.bias)
+        rows = max(1, TILE_WEIGHTS // self.in_features)
+        if rows >= self.out_features:
+            return ternary_linear(x, self._decoded_rows(0, self.out_features), self.gamma, self.bias)
+
+        def tiled(x_int: torch.Tensor) -> torch.Tensor:  # at most one tile of decoded codes at a time
+            y = x_int.new_empty(x_int.shape[0], self.out_features)
+            for r0 in range(0, self.out_features, rows):
+                r1 = min(r0 + rows, self.out_features)
+                y[:, r0:r1] = x_int @ self._decoded_rows(r0, r1).T
+            return y
+
+        return ternary_linear(x, None, self.gamma, self.bias, product=tiled)
+
+    def _decoded_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Output rows [r0, r1) of the codes as float32 (r1 - r0, in), decoding only their bytes.
+        ``index_select``, not ``table[packed.long()]``: 4x faster on CPU (0.86 vs 3.4 ms for a
+        1376 x 512 base-3 layer, one thread, torch 2.13)."""
+        per = weights_per_byte(self.fmt)
+        start, stop = r0 * self.in_features, r1 * self.in_features
+        b0, b1 = start // per, -(-stop // per)
+        flat = self.table.index_select(0, self.packed[b0:b1].int()).reshape(-1)
+        return flat[start - b0 * per:stop - b0 * per].reshape(r1 - r0, self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}, "
@@ -162,6 +183,27 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, tokenizer: Any 
     return publish_dir(tmp, out_dir)
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters created inside live on the meta device (no memory, no init compute); buffers
+    stay real, computed by their modules' constructors (e.g. Llama's rotary ``inv_freq``, which
+    is not saved). What ``accelerate.init_empty_weights(include_buffers=False)`` does, by the same
+    patch of ``nn.Module.register_parameter``; accelerate is not a dependency. A plain
+    ``torch.device("meta")`` would leave such buffers empty."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
 def load_packed(model_dir: str | Path, *, kernel: str = "decode") -> nn.Module:
     """Rebuild a model written by ``save_packed``: its config, packed layers and other tensors;
     its packed layers compute with ``kernel`` (module docstring).
@@ -184,7 +226,7 @@ def load_packed(model_dir: str | Path, *, kernel: str = "decode") -> nn.Module:
     except (KeyError, TypeError) as err:
         raise ArtifactError(str(meta_path), f"malformed: missing {err}") from None
     tensors = load_tensors(model_dir / Path(name).name, expected_sha256=sha)
-    with torch.device("meta"):  # no float weights are allocated: the stored tensors are assigned below
+    with _parameters_on_meta():  # no float weights are allocated: the stored tensors are assigned below
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
     try:
         for layer, info in layers.items():

@@ -36,6 +36,12 @@ def bits_per_weight(fmt: str) -> float:
     return 8.0 / _PER_BYTE[fmt]
 
 
+def weights_per_byte(fmt: str) -> int:
+    """How many ternary weights one byte holds (4 or 5)."""
+    _check_format(fmt)
+    return _PER_BYTE[fmt]
+
+
 def packed_bytes(count: int, fmt: str) -> int:
     """Bytes that ``count`` packed weights take (the last byte padded)."""
     _check_format(fmt)

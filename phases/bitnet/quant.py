@@ -93,11 +93,15 @@ def ternary_linear(x: torch.Tensor, codes: torch.Tensor | None, scale: torch.Ten
     ``product``, when given, computes ``x_int @ codes^T`` instead (an exact integer kernel)."""
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1]).float()
-    s_x = 127.0 / flat.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)  # (M, 1) per token
-    x_int = (flat * s_x).round().clamp(-128, 127)  # integers, kept as float32
-    y = (x_int @ codes.T if product is None else product(x_int)) * (scale / s_x)
+    # in place where the value is ours: one (M, in) and one (M, out) temporary, not five
+    absmax = torch.linalg.vector_norm(flat, float("inf"), dim=-1, keepdim=True)  # max |x| per token
+    s_x = 127.0 / absmax.clamp_(min=EPS)  # (M, 1)
+    x_int = (flat * s_x).round_().clamp_(-128, 127)  # integers, kept as float32
+    y = x_int @ codes.T if product is None else product(x_int)
+    del x_int
+    y.mul_(scale / s_x)
     if bias is not None:
-        y = y + bias
+        y.add_(bias)
     return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
 

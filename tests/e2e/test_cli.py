@@ -145,7 +145,7 @@ def test_the_tiny_run_quantizes_to_ternary(reference_run):
     assert m["bitnet/ternary_bits_per_weight"] <= 1.67 and m["bitnet/compression_ratio"] > 2
     assert m["bitnet/calibration_samples"] == 100 and m["bitnet/steps"] == 60
     assert m["bitnet/accuracy_retention"] > m["bitnet/accuracy_retention_before_qat"], "QAT recovers accuracy"
-    assert m["bitnet/packed_max_abs_logit_diff"] < 1e-3
+    assert m["bitnet/packed_max_abs_logit_diff"] == 0.0  # the packed model computes as the QAT model
     packed = load_packed(run_dir / result["artifacts"]["packed_model"]["path"])
     assert sum(isinstance(x, PackedBitLinear) for x in packed.modules()) == m["bitnet/ternary_layers"]
     export = AutoModelForCausalLM.from_pretrained(run_dir / result["model"]["path"])

@@ -57,6 +57,20 @@ def test_bitlinear_eval_is_the_packed_arithmetic_and_training_passes_gradients()
             assert torch.equal(int8(x), packed(x)) and torch.equal(int8(x[0, :1]), packed(x[0, :1]))
 
 
+@pytest.mark.parametrize("fmt", ["base3", "2bit"])
+def test_the_decode_kernel_in_row_tiles_gives_the_same_bits(fmt, monkeypatch):
+    import phases.bitnet.packed as packed_module
+
+    torch.manual_seed(1)
+    layer = BitLinear.from_linear(nn.Linear(37, 29)).eval()  # 37 * rows is never a multiple of 4 or 5
+    x = torch.randn(6, 37)
+    with torch.no_grad():
+        whole = PackedBitLinear.from_bitlinear(layer, fmt)(x)
+        monkeypatch.setattr(packed_module, "TILE_WEIGHTS", 3 * 37)  # tiles of 3 rows: 10 tiles, the last of 2
+        assert torch.equal(PackedBitLinear.from_bitlinear(layer, fmt)(x), whole)
+        assert torch.equal(layer(x), whole)
+
+
 # -- calibration ------------------------------------------------------------------------------
 
 def test_collect_records_each_layers_input_statistics():
@@ -232,3 +246,25 @@ def test_a_bitnet_output_is_refused_as_input(reference, corpus, tmp_path):
     with pytest.raises(PhaseError, match="already a BitNet model"):
         _run(root / "hf", corpus, tmp_path)
     assert not (tmp_path / "hf").exists()
+
+
+def test_any_hf_causal_lm_with_linear_projections_is_quantized(corpus, tmp_path):
+    """A Llama (not a Cognate model): every projection but lm_head becomes ternary, stored packed,
+    and the packed model reproduces the QAT model exactly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=corpus.tokenizer.vocab_size, hidden_size=32,
+                                         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, max_position_embeddings=64))
+    model_dir = save_model_dir(llama, corpus.tokenizer, tmp_path / "llama")
+    cfg = CFG.model_copy(update={"sub_norm": False, "grokfast": CFG.grokfast.model_copy(update={"enabled": False})})
+    out = _run(model_dir, corpus, tmp_path, cfg=cfg)
+    m = out["metrics"]
+    assert m["bitnet/ternary_layers"] == 7 and m["bitnet/packed_max_abs_logit_diff"] == 0.0
+    assert "model.layers.0.self_attn.q_proj" in out["report"]["layers"]
+    packed = load_packed(tmp_path / "packed")
+    assert type(packed).__name__ == "LlamaForCausalLM" and isinstance(packed.model.layers[0].mlp.down_proj,
+                                                                       PackedBitLinear)
+    with pytest.raises(PhaseError, match="Cognate"):
+        _run(model_dir, corpus, tmp_path / "sub", cfg=cfg.model_copy(update={"sub_norm": True}))
