@@ -1,10 +1,10 @@
 """Inference from packed ternary weights, and the packed model file.
 
 ``PackedBitLinear`` holds a layer's ternary codes packed (``packing.py``: 2 or 1.6 bits per
-weight) and its scale gamma. Each forward decodes only this layer's codes with one table lookup
-per byte (``packing.decode_table``: 256 entries of 4 or 5 codes), in tiles of output rows of at
-most ``TILE_WEIGHTS`` weights, quantizes the activations to
-8 bits per token (absmax, as in training) and multiplies (``quant.ternary_linear``):
+weight) and its scale gamma. Each forward decodes only this layer's codes, in tiles of output
+rows of at most ``TILE_WEIGHTS`` weights, with one table lookup per byte
+(``packing.decode_table``: 256 entries of 4 or 5 codes), quantizes the activations to 8 bits
+per token (absmax, as in training) and multiplies (``quant.ternary_linear``):
 
     y = (x_int @ codes^T) * gamma / s_x + bias
 
@@ -12,14 +12,15 @@ The integer products run as float32 matmuls, exact (sums of at most 127 * in_fea
 for in_features up to 132,000): on CPU ``torch._int_mm`` measured 45x slower than the float
 matmul of the same shape (1376 x 512 x 512, torch 2.13, one thread), so it is not used. The
 model never holds all its float weights: at rest it is the packed bytes, and at most one tile
-of decoded codes exists at a time. ``BitLinear`` in eval mode runs the same arithmetic, so a packed
-model gives exactly the QAT model's outputs.
+of decoded codes exists at a time. ``BitLinear`` in eval mode runs the same arithmetic, so a
+packed model gives exactly the QAT model's outputs. (CPU; a model moved to CUDA runs the
+``decode`` kernel there.)
 
 Kernels (``kernel=``): ``"decode"`` (the default) as above: at rest 1.6 or 2 bits per weight.
 ``"int8"``: the codes are decoded once, at load, into an int8 weight prepacked for fbgemm's int8
 GEMM (``torch.ops.quantized.linear_dynamic``, x86), and each forward multiplies the 8-bit
 activations by it with int32 accumulation: measured about 2x faster than the float32 matmul of
-the same shape, at 8 bits per weight in memory. The activations are handed over as exact
+the same shape, at 8 bits per weight in memory (CPU only). The activations are handed over as exact
 integers: one extra row holding -128 and 127 pins the kernel's dynamic range to 255 (scale 1,
 zero point 128) and ``reduce_range`` is off, which is safe here because products with ternary
 weights cannot saturate its 16-bit pair sums. Both kernels give bit-identical outputs. The
