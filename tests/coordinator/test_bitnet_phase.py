@@ -24,11 +24,9 @@ from coordinator.runfolder import RunFolder
 from coordinator.tracking import Tracker
 from phases.bitnet.config import BitNetConfig
 from phases.bitnet.train import train_bitnet
-from phases.cognate import CognateConfig
-from phases.cognate.modeling import CognateForCausalLM
-from phases.cognate.train import build_model_config, save_model_dir
 from phases.data import DataConfig, load_corpus
 from serialization.checkpoint import sha256_dir
+from tests.phases.tiny_cognate import tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -54,12 +52,7 @@ def _task_pids(name: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    corpus = load_corpus(DATA, seed=SEED)
-    cfg = CognateConfig(target_params=None, vocab_size=None, d_model=32, n_layers=2, n_heads=2, d_ff=64,
-                        memory_slots=16, memory_chunk=8, max_seq_len=64)
-    model = CognateForCausalLM(build_model_config(cfg, corpus.tokenizer, "memory"))
-    return save_model_dir(model, corpus.tokenizer, tmp_path_factory.mktemp("in") / "m")
+    return tiny_model_dir(load_corpus(DATA, seed=SEED), tmp_path_factory.mktemp("in") / "m")
 
 
 @pytest.mark.slow

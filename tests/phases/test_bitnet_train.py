@@ -16,13 +16,10 @@ from phases.bitnet.config import BitNetConfig
 from phases.bitnet.packed import PackedBitLinear, int8_kernel_available, load_packed
 from phases.bitnet.quant import BitLinear, ternary_codes, weight_quant
 from phases.bitnet.train import train_bitnet
-from phases.cognate import CognateConfig
-from phases.cognate.modeling import CognateForCausalLM
-from phases.cognate.train import build_model_config, save_model_dir
 from phases.data import DataConfig, load_corpus
 from phases.forge.grokfast import GrokfastEMA
 from serialization.checkpoint import sha256_dir
-from tests.phases.tiny_cognate import tiny_cognate
+from tests.phases.tiny_cognate import tiny_cognate, tiny_model_dir
 
 DATA = DataConfig(seq_len=24)
 CFG = BitNetConfig(calibration_samples=12, calibration_rows=64, sparsity_thresholds=True, sub_norm=True, steps=4,
@@ -164,11 +161,7 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def model_dir(corpus, tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = CognateConfig(target_params=None, vocab_size=None, d_model=32, n_layers=2, n_heads=2, d_ff=64,
-                        memory_slots=16, memory_chunk=8, max_seq_len=64)
-    model = CognateForCausalLM(build_model_config(cfg, corpus.tokenizer, "memory"))
-    return save_model_dir(model, corpus.tokenizer, tmp_path_factory.mktemp("in") / "m")
+    return tiny_model_dir(corpus, tmp_path_factory.mktemp("in") / "m")
 
 
 def _run(model_dir, corpus, root, cfg=CFG, log=None):
@@ -252,6 +245,8 @@ def test_any_hf_causal_lm_with_linear_projections_is_quantized(corpus, tmp_path)
     """A Llama (not a Cognate model): every projection but lm_head becomes ternary, stored packed,
     and the packed model reproduces the QAT model exactly."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from phases.cognate.train import save_model_dir  # writes any HF model with the data tokenizer
 
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=corpus.tokenizer.vocab_size, hidden_size=32,

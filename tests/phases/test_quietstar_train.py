@@ -7,17 +7,14 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from coordinator.errors import PhaseError
-from phases.cognate import CognateConfig
-from phases.cognate.modeling import CognateForCausalLM
-from phases.cognate.train import build_model_config, save_model_dir
 from phases.data import DataConfig, load_corpus
 from phases.quietstar.config import QuietStarConfig
 from phases.quietstar.model import load_thought_model
 from phases.quietstar.train import RECORD_FIELDS, train_quietstar
 from serialization.checkpoint import sha256_dir
+from tests.phases.tiny_cognate import tiny_model_dir
 
 DATA = DataConfig(seq_len=24)
 CFG = QuietStarConfig(thought_length=2, n_thoughts=2, n_true=2, injection="hard", hard_fraction=0.25, steps=4,
@@ -32,11 +29,7 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def model_dir(corpus, tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = CognateConfig(target_params=None, vocab_size=None, d_model=32, n_layers=2, n_heads=2, d_ff=64,
-                        memory_slots=16, memory_chunk=8, max_seq_len=64)
-    model = CognateForCausalLM(build_model_config(cfg, corpus.tokenizer, "memory"))
-    return save_model_dir(model, corpus.tokenizer, tmp_path_factory.mktemp("in") / "m")
+    return tiny_model_dir(corpus, tmp_path_factory.mktemp("in") / "m")
 
 
 def _train(model_dir, corpus, root, cfg=CFG, log=None):
