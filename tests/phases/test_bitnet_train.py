@@ -19,6 +19,7 @@ from phases.bitnet.train import train_bitnet
 from phases.data import DataConfig, load_corpus
 from phases.forge.grokfast import GrokfastEMA
 from serialization.checkpoint import sha256_dir
+from tests.phases.resume_checks import foreign_checkpoint_is_refused, interrupt_then_resume
 from tests.phases.tiny_cognate import tiny_cognate, tiny_model_dir
 
 DATA = DataConfig(seq_len=24)
@@ -206,32 +207,17 @@ def test_the_phase_stores_packed_ternary_weights_and_measures_them(reference, co
 
 def test_same_seed_same_hashes_also_after_an_interruption(reference, model_dir, corpus, tmp_path):
     root, _, _ = reference
-    expected = (sha256_dir(root / "hf"), sha256_dir(root / "packed"))
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_4(metrics, step):
-        if step == 4:
-            raise Crash  # after step 4's update, before its checkpoint: resumes from step 2
-
     cut = tmp_path / "cut"
-    with pytest.raises(Crash):
-        _run(model_dir, corpus, cut, log=crash_at_4)
-    assert sorted(p.name for p in (cut / "work").glob("ckpt-*.json")) == ["ckpt-00000002.json"]
-    _run(model_dir, corpus, cut)
-    assert (sha256_dir(cut / "hf"), sha256_dir(cut / "packed")) == expected
+    interrupt_then_resume(lambda r, log: _run(model_dir, corpus, r, log=log), cut, crash_step=4,
+                          checkpoints_left=["ckpt-00000002.json"])
+    assert (sha256_dir(cut / "hf"), sha256_dir(cut / "packed")) == (sha256_dir(root / "hf"),
+                                                                    sha256_dir(root / "packed"))
 
 
 def test_a_checkpoint_of_another_config_is_refused_and_kept(reference, model_dir, corpus, tmp_path):
-    import shutil
-
     root, _, _ = reference
-    shutil.copytree(root / "work", tmp_path / "work")
-    before = sorted(p.name for p in (tmp_path / "work").iterdir())
-    with pytest.raises(PhaseError, match="different config"):
-        _run(model_dir, corpus, tmp_path, cfg=CFG.model_copy(update={"lr": 2e-3}))
-    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == before
+    other = CFG.model_copy(update={"lr": 2e-3})
+    foreign_checkpoint_is_refused(root / "work", tmp_path, lambda r: _run(model_dir, corpus, r, cfg=other))
 
 
 def test_a_bitnet_output_is_refused_as_input(reference, corpus, tmp_path):

@@ -8,12 +8,12 @@ import math
 
 import pytest
 
-from coordinator.errors import PhaseError
 from phases.data import DataConfig, load_corpus
 from phases.quietstar.config import QuietStarConfig
 from phases.quietstar.model import load_thought_model
 from phases.quietstar.train import RECORD_FIELDS, train_quietstar
 from serialization.checkpoint import sha256_dir
+from tests.phases.resume_checks import foreign_checkpoint_is_refused, interrupt_then_resume
 from tests.phases.tiny_cognate import tiny_model_dir
 
 DATA = DataConfig(seq_len=24)
@@ -70,27 +70,13 @@ def test_same_seed_same_hashes_also_after_an_interruption(reference, model_dir, 
     _train(model_dir, corpus, again)
     assert sha256_dir(again / "out") == expected
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_4(metrics, step):
-        if step == 4:
-            raise Crash  # after step 4's update, before its checkpoint: resumes from step 2
-
     cut = tmp_path / "cut"
-    with pytest.raises(Crash):
-        _train(model_dir, corpus, cut, log=crash_at_4)
-    assert sorted(p.name for p in (cut / "work").glob("ckpt-*.json")) == ["ckpt-00000002.json"]
-    _train(model_dir, corpus, cut)
+    interrupt_then_resume(lambda r, log: _train(model_dir, corpus, r, log=log), cut, crash_step=4,
+                          checkpoints_left=["ckpt-00000002.json"])
     assert sha256_dir(cut / "out") == expected
 
 
 def test_a_checkpoint_of_another_config_is_refused_and_kept(reference, model_dir, corpus, tmp_path):
     root, _, _ = reference
-    import shutil
-
-    shutil.copytree(root / "work", tmp_path / "work")
-    before = sorted(p.name for p in (tmp_path / "work").iterdir())
-    with pytest.raises(PhaseError, match="different config"):
-        _train(model_dir, corpus, tmp_path, cfg=CFG.model_copy(update={"lr": 2e-3}))
-    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == before
+    other = CFG.model_copy(update={"lr": 2e-3})
+    foreign_checkpoint_is_refused(root / "work", tmp_path, lambda r: _train(model_dir, corpus, r, cfg=other))
