@@ -42,7 +42,7 @@ from phases.bitnet.config import BitNetConfig
 from phases.bitnet.packed import PACKED_FILE, PackedBitLinear, load_packed, save_packed
 from phases.bitnet.quant import BitLinear, replace_linears
 from phases.data import TASK_KINDS, Corpus
-from phases.forge.grokfast import GrokfastEMA
+from phases.forge.grokfast import make_filter
 from phases.training import derived_seed, fingerprint, load_train_state, save_train_state, training_context
 from serialization.checkpoint import sha256_dir
 
@@ -190,7 +190,7 @@ def train_bitnet(model_dir: Path, cfg: BitNetConfig, corpus: Corpus, *, seed: in
         other = [p for p in model.parameters() if p.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": other, "weight_decay": 0.0}], lr=cfg.lr, foreach=False)
-        grokfast = GrokfastEMA.from_config(cfg.grokfast)
+        grokfast = make_filter(cfg.grokfast)
         extra: dict[str, torch.Tensor] = {}
         resumed = load_train_state(work_dir, model, opt, fp, phase="bitnet", extra=extra)
         start, records = resumed if resumed else (0, [])

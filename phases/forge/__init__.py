@@ -1,4 +1,4 @@
-"""Phase 5, Forge training (issue #8). Built so far: the Grokfast gradient filter
+"""Phase 5, Forge training (issue #8). Built so far: the Grokfast gradient filters, EMA and MA
 (``grokfast.py``), which phase 4's QAT already uses; the phase itself is not built and refuses
 to run (``coordinator/drivers/__init__.py`` registers it as unbuilt).
 

@@ -17,7 +17,6 @@ from phases.bitnet.packed import PackedBitLinear, int8_kernel_available, load_pa
 from phases.bitnet.quant import BitLinear, ternary_codes, weight_quant
 from phases.bitnet.train import train_bitnet
 from phases.data import DataConfig, load_corpus
-from phases.forge.grokfast import GrokfastEMA
 from serialization.checkpoint import sha256_dir
 from tests.phases.resume_checks import foreign_checkpoint_is_refused, interrupt_then_resume
 from tests.phases.tiny_cognate import tiny_cognate, tiny_model_dir
@@ -125,32 +124,6 @@ def test_sub_norm_starts_at_the_calibrated_rms_and_keeps_the_model_close():
 
     with pytest.raises(PhaseError, match="sub_norm is defined for Cognate models"):
         add_sub_norm(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)), stats)
-
-
-# -- Grokfast ---------------------------------------------------------------------------------
-
-def test_grokfast_ema_matches_the_reference_recurrence_and_round_trips():
-    p = nn.Parameter(torch.zeros(3))
-    model = nn.Module()
-    model.p = p
-    f = GrokfastEMA(alpha=0.5, lamb=2.0)
-    grads = [torch.tensor([1.0, 0.0, -2.0]), torch.tensor([3.0, 1.0, 0.0]), torch.tensor([0.0, 0.0, 4.0])]
-    mu = None
-    for g in grads:
-        p.grad = g.clone()
-        f.apply(model)
-        mu = g.clone() if mu is None else 0.5 * mu + 0.5 * g  # mu_1 = g_1 (not zeros)
-        assert torch.allclose(p.grad, g + 2.0 * mu)
-    restored = GrokfastEMA(alpha=0.5, lamb=2.0)
-    restored.load_state_dict(f.state_dict())
-    p.grad = grads[0].clone()
-    f.apply(model)
-    expect = p.grad.clone()
-    p.grad = grads[0].clone()
-    restored.apply(model)
-    assert torch.equal(p.grad, expect)
-    with pytest.raises(ValueError, match="alpha"):
-        GrokfastEMA(alpha=1.0)
 
 
 # -- the phase --------------------------------------------------------------------------------
