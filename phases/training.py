@@ -23,7 +23,7 @@ import torch
 from coordinator.errors import ArtifactError, PhaseError
 from serialization.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
 
-__all__ = ["training_context", "save_train_state", "load_train_state", "fingerprint", "derived_seed"]
+__all__ = ["training_context", "adamw", "save_train_state", "load_train_state", "fingerprint", "derived_seed"]
 
 
 @contextlib.contextmanager
@@ -40,6 +40,17 @@ def training_context(device: torch.device):
         torch.use_deterministic_algorithms(was_det)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float,
+          betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on the 2-D parameters (matrices, embeddings), none on
+    norms, biases and other vectors. The fixed, module-ordered grouping keeps resumed optimizer
+    state aligned with its parameters."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    other = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=lr, betas=betas, foreach=False)
 
 
 def fingerprint(**parts: Any) -> str:

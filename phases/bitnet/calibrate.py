@@ -61,6 +61,8 @@ def target_layers(model: nn.Module, keep: Iterable[str]) -> list[str]:
 def collect(model: nn.Module, layers: Sequence[str], windows: torch.Tensor, *, batch_size: int = 8,
             rows: int = 512) -> dict[str, LayerStats]:
     """Input statistics of ``layers`` over ``windows`` (N, T) of token ids, run in batches.
+    ``rows`` input rows per layer are kept for ``choose_thresholds``; 0 keeps none (every row
+    seen is held until the end to pick them, so pass 0 when no thresholds are chosen).
 
     Raises:
         ValueError: no windows, or a layer name is not a Linear of the model.
@@ -84,7 +86,8 @@ def collect(model: nn.Module, layers: Sequence[str], windows: torch.Tensor, *, b
             s[2] += x.abs().mean(dim=-1).sum()
             s[3] += x.shape[0]
             stats[name].absmax = max(stats[name].absmax, float(x.abs().max()))
-            seen[name].append(x.float())
+            if rows:
+                seen[name].append(x.float())
         return fn
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in layers]

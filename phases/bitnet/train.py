@@ -43,7 +43,8 @@ from phases.bitnet.packed import PACKED_FILE, PackedBitLinear, load_packed, save
 from phases.bitnet.quant import BitLinear, replace_linears
 from phases.data import TASK_KINDS, Corpus
 from phases.forge.grokfast import make_filter
-from phases.training import derived_seed, fingerprint, load_train_state, save_train_state, training_context
+from phases.training import (adamw, derived_seed, fingerprint, load_train_state, save_train_state,
+                             training_context)
 from serialization.checkpoint import sha256_dir
 
 __all__ = ["DATA_TAG", "RECORD_FIELDS", "lr_at", "train_bitnet"]
@@ -176,7 +177,8 @@ def train_bitnet(model_dir: Path, cfg: BitNetConfig, corpus: Corpus, *, seed: in
         windows = torch.cat([corpus.batch(i, cfg.batch_size, seq_len - 1, cal_seed)
                              for i in range(math.ceil(cfg.calibration_samples / cfg.batch_size))])
         windows = windows[:cfg.calibration_samples]
-        stats = collect(model, layers, windows, batch_size=cfg.batch_size, rows=cfg.calibration_rows)
+        stats = collect(model, layers, windows, batch_size=cfg.batch_size,
+                        rows=cfg.calibration_rows if cfg.sparsity_thresholds else 0)
         thresholds, threshold_errors = ({}, {})
         if cfg.sparsity_thresholds:
             thresholds, threshold_errors = choose_thresholds(model, stats, cfg.threshold_grid)
@@ -186,10 +188,7 @@ def train_bitnet(model_dir: Path, cfg: BitNetConfig, corpus: Corpus, *, seed: in
         quantized_quality = _quality(model, corpus, cfg, tasks)
 
         # -- QAT -----------------------------------------------------------------------------
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        other = [p for p in model.parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": other, "weight_decay": 0.0}], lr=cfg.lr, foreach=False)
+        opt = adamw(model, cfg.lr, cfg.weight_decay)
         grokfast = make_filter(cfg.grokfast)
         extra: dict[str, torch.Tensor] = {}
         resumed = load_train_state(work_dir, model, opt, fp, phase="bitnet", extra=extra)

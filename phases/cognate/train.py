@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from coordinator.errors import ArtifactError, ConfigError, PhaseError
 from phases.data import TASK_KINDS, Corpus, TaskMix, Tokenizer, evaluate_perplexity, task_accuracy
-from phases.training import derived_seed, fingerprint, load_train_state, save_train_state, training_context
+from phases.training import (adamw, derived_seed, fingerprint, load_train_state, save_train_state,
+                             training_context)
 from serialization.checkpoint import publish_dir, sha256_file, staging_dir
 
 from .config import CognateConfig
@@ -111,13 +112,8 @@ def save_model_dir(model: CognateForCausalLM, tokenizer: Tokenizer, out_dir: str
 
 
 def _optimizer(model: torch.nn.Module, cfg: CognateConfig) -> torch.optim.AdamW:
-    # Decoupled weight decay on 2-D weights (matrices, embeddings, ACT step embeddings), not on
-    # norms and biases. A fixed, name-ordered grouping keeps resumed state aligned.
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    other = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": other, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=False)
+    # ACT step embeddings are 2-D: they get weight decay like the matrices.
+    return adamw(model, cfg.lr, cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
 
 
 def _lr_at(cfg: CognateConfig, step: int, total: int) -> float:

@@ -22,7 +22,8 @@ from phases.data import TASK_KINDS, Corpus
 from phases.quietstar.config import QuietStarConfig
 from phases.quietstar.evaluate import exact_match_accuracy, heldout_losses, sample_thought_rows, token_nll
 from phases.quietstar.model import ThoughtModel, add_thought_tokens, save_thought_model
-from phases.training import derived_seed, fingerprint, load_train_state, save_train_state, training_context
+from phases.training import (adamw, derived_seed, fingerprint, load_train_state, save_train_state,
+                             training_context)
 from serialization.checkpoint import sha256_dir
 
 __all__ = ["DATA_TAG", "RECORD_FIELDS", "lr_at", "make_optimizer", "train_quietstar"]
@@ -47,12 +48,8 @@ def lr_at(cfg: QuietStarConfig, step: int) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: QuietStarConfig) -> torch.optim.AdamW:
-    # Weight decay on matrices and embeddings, not on norms, biases or the delimiter vectors;
-    # a fixed, name-ordered grouping keeps resumed state aligned.
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    other = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, foreach=False)
+    # The delimiter vectors are 1-D: no weight decay on them.
+    return adamw(model, cfg.lr, cfg.weight_decay)
 
 
 def _record(rollout: Any) -> list[float]:
