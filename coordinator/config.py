@@ -24,6 +24,7 @@ from phases.bitnet.config import BitNetConfig
 from phases.compression.config import CompressConfig
 from phases.data.config import DataConfig, FrozenConfig, config_error
 from phases.evomerge.config import EvoMergeConfig
+from phases.forge.config import ForgeConfig
 from phases.quietstar.config import QuietStarConfig
 
 __all__ = [
@@ -79,6 +80,7 @@ class PipelineConfig(FrozenConfig):
     evomerge: EvoMergeConfig = EvoMergeConfig()
     quietstar: QuietStarConfig = QuietStarConfig()
     bitnet: BitNetConfig = BitNetConfig()
+    forge: ForgeConfig = ForgeConfig()
     compress: CompressConfig = CompressConfig()
 
     def section(self, phase: str) -> BaseModel | None:

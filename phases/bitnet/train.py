@@ -47,7 +47,7 @@ from phases.training import (adamw, derived_seed, fingerprint, load_train_state,
                              training_context)
 from serialization.checkpoint import sha256_dir
 
-__all__ = ["DATA_TAG", "RECORD_FIELDS", "lr_at", "train_bitnet"]
+__all__ = ["DATA_TAG", "RECORD_FIELDS", "export_hf", "lr_at", "train_bitnet"]
 
 LogFn = Callable[[dict, int], None]
 ProgressFn = Callable[[int, int], None]
@@ -112,7 +112,7 @@ def _layer_table(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _export_hf(model: torch.nn.Module, tokenizer: Any, out_dir: Path, info: dict[str, Any]) -> None:
+def export_hf(model: torch.nn.Module, tokenizer: Any, out_dir: Path, info: dict[str, Any]) -> None:
     """The model as a plain HF dir: ternary layers as ``nn.Linear`` holding ``codes * scale``."""
     from serialization.checkpoint import publish_dir, staging_dir
 
@@ -233,7 +233,7 @@ def train_bitnet(model_dir: Path, cfg: BitNetConfig, corpus: Corpus, *, seed: in
     # -- storage and the packed model's measurements --------------------------------------------
     info = {"layers": sorted(table), "packing": cfg.packing, "thresholds": thresholds, "activation_bits": 8,
             "sub_norm": cfg.sub_norm}
-    _export_hf(model, tokenizer, out_dir, info)
+    export_hf(model, tokenizer, out_dir, info)
     save_packed(model, packed_dir, cfg.packing, tokenizer)
     packed = load_packed(packed_dir, kernel=cfg.kernel)
     packed_layers = [m for m in packed.modules() if isinstance(m, PackedBitLinear)]

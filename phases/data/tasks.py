@@ -113,7 +113,8 @@ def encode_task(tokenizer: Tokenizer, task: Task, with_suffix: bool = False) -> 
 
 
 def pack_tasks(rng: np.random.Generator, tokenizer: Tokenizer, length: int, kind_probs: Mapping[str, float],
-               *, max_operand: int, max_modulus: int, exclude: frozenset[str] = frozenset()) -> list[int]:
+               *, max_operand: int, max_modulus: int, exclude: frozenset[str] = frozenset(),
+               spans: list[tuple[int, int]] | None = None) -> list[int]:
     """One row of ``length`` ids: ``<eos> task <eos> task <eos> ...``, cut to length.
 
     Args:
@@ -123,6 +124,8 @@ def pack_tasks(rng: np.random.Generator, tokenizer: Tokenizer, length: int, kind
         kind_probs: probability of each task kind (keys from TASK_KINDS).
         max_operand, max_modulus: see :func:`make_task`.
         exclude: prompts never to emit (the held-out set).
+        spans: when given, the answer span ``[start, end)`` of every task whose answer lies
+            wholly inside the row is appended to it (phase 5 scores its training tasks).
     Raises:
         ValueError: if the task space is exhausted by ``exclude`` (1000 rejections in a row).
     """
@@ -139,7 +142,10 @@ def pack_tasks(rng: np.random.Generator, tokenizer: Tokenizer, length: int, kind
                 raise ValueError("every generated task is held out; raise max_operand or lower heldout_tasks")
             continue
         rejected = 0
-        ids += encode_task(tokenizer, task, with_suffix=True)[0][1:] + [tokenizer.eos_id]
+        encoded, start, end = encode_task(tokenizer, task, with_suffix=True)
+        if spans is not None and len(ids) - 1 + end <= length:
+            spans.append((len(ids) - 1 + start, len(ids) - 1 + end))
+        ids += encoded[1:] + [tokenizer.eos_id]
     return ids[:length]
 
 

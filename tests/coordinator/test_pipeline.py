@@ -84,13 +84,13 @@ def test_selection_errors_list_the_phases(bad):
 
 
 def test_unbuilt_phase_is_an_error_naming_it(tmp_path):
-    plan = parse_selection("forge")
+    plan = parse_selection("baking")
     cfg = PipelineConfig(wandb=WandbConfig(mode="disabled"))
     run = RunFolder(tmp_path)
-    run.create(run_id="r", config={}, seed=0, plan=["forge"])
-    with pytest.raises(PhaseNotBuiltError, match="'forge'.*issue #8"):
+    run.create(run_id="r", config={}, seed=0, plan=["baking"])
+    with pytest.raises(PhaseNotBuiltError, match="'baking'.*issue #9"):
         run_pipeline(cfg, run, plan, tracker=Tracker(cfg.wandb, run, "r"))
-    assert not list(tmp_path.glob("05_*")), "an unbuilt phase must leave no output"
+    assert not list(tmp_path.glob("06_*")), "an unbuilt phase must leave no output"
 
 
 def test_results_name_hashed_artifacts_and_lineage(tmp_path, test_phases):

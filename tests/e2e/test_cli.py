@@ -158,6 +158,33 @@ def test_the_tiny_run_quantizes_to_ternary(reference_run):
     assert "compression/ternary/ratio_vs_fp32" in compress
 
 
+def test_the_tiny_run_forges_the_ternary_model(reference_run):
+    """Phase 5 on the README run: BitNet's model trained quantization-aware through the four
+    stages (each logged every step) to a lower held-out loss; the output is still exactly
+    ternary where phase 4 made it so."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _ = reference_run
+    result = json.loads((run_dir / "05_forge" / "result.json").read_text())
+    assert result["success"], result["error"]
+    m = result["metrics"]
+    assert m["forge/training_steps"] == 100 and m["forge/quantization_aware"] == 1
+    assert m["forge/dream_cycles"] == 0  # dream cycles, self-modeling, edge control, Grokfast: off by default
+    assert m["forge/val_loss"] < m["forge/val_loss_input"], "training lowers the held-out loss"
+    history = [json.loads(line) for line in (run_dir / "05_forge" / "metrics.jsonl").read_text().splitlines()]
+    staged = [r for r in history if "forge/stage" in r]
+    assert [r["step"] for r in staged] == list(range(1, 101))
+    assert not any("forge/self_model_loss" in r or "forge/edge_control_success_rate" in r for r in history)
+    assert [r["forge/stage"] for r in staged] == [0] * 10 + [1] * 40 + [2] * 30 + [3] * 20
+    summary = json.loads((run_dir / "05_forge" / "forge_training_summary.json").read_text())
+    assert summary["stages"] == {"warmup": [1, 10], "acceleration": [11, 50], "consolidation": [51, 80],
+                                 "refinement": [81, 100]}
+    model = AutoModelForCausalLM.from_pretrained(run_dir / result["model"]["path"])
+    for name in model.config.bitnet["layers"]:
+        assert torch.unique(model.get_submodule(name).weight.abs()).numel() <= 2, name  # {0, scale}
+
+
 def test_status_json_reads_the_run(reference_run):
     run_dir, _ = reference_run
     proc = _agentforge("status", str(run_dir), "--json", cwd=run_dir.parent)
@@ -177,7 +204,7 @@ def test_sigkill_mid_search_then_resume_gives_identical_hashes(reference_run, tm
     run_dir, _ = reference_run
     killed = tmp_path / "killed"
     shutil.copytree(run_dir, killed, ignore=shutil.ignore_patterns("02_evomerge", "03_quietstar", "04_bitnet",
-                                                          "08_compress", "wandb", "report.html"))
+                                                          "05_forge", "08_compress", "wandb", "report.html"))
     state = killed / "02_evomerge" / "work" / "evolution.json"
     proc = subprocess.Popen([*agentforge_cmd(), "resume", str(killed), "--wandb", "disabled"],
                             cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -198,7 +225,7 @@ def test_sigkill_mid_search_then_resume_gives_identical_hashes(reference_run, tm
     assert "evomerge: resuming after generation" in resumed.stderr
     assert not (killed / "03_quietstar" / "result.json").exists(), "--until evomerge stops after phase 2"
     reference = {k: v for k, v in _model_hashes(run_dir).items()
-                 if not k.startswith(("03_quietstar", "04_bitnet", "08_compress"))}
+                 if not k.startswith(("03_quietstar", "04_bitnet", "05_forge", "08_compress"))}
     assert _model_hashes(killed) == reference, "resumed run must equal the uninterrupted one bit for bit"
 
 
@@ -223,18 +250,18 @@ def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, monke
 
 
 def test_unbuilt_phase_fails_with_a_clear_reason(tmp_path, capsys, monkeypatch):
-    code, err = _main_in_process(["run", "--phases", "forge"], tmp_path, capsys, monkeypatch)
+    code, err = _main_in_process(["run", "--phases", "baking"], tmp_path, capsys, monkeypatch)
     assert code == 1
     last = err.strip().splitlines()[-1]
-    assert "forge" in last and "not built yet" in last and "issue #8" in last
+    assert "baking" in last and "not built yet" in last and "issue #9" in last
 
 
 def test_resume_until_a_phase_not_in_the_run_names_the_runs_phases(reference_run, capsys, monkeypatch):
     run_dir, _ = reference_run
     before = _model_hashes(run_dir)
-    code, err = _main_in_process(["resume", str(run_dir), "--until", "forge"], run_dir.parent, capsys, monkeypatch)
+    code, err = _main_in_process(["resume", str(run_dir), "--until", "baking"], run_dir.parent, capsys, monkeypatch)
     assert code == 2
-    assert "--until 'forge'" in err and "1 cognate, 2 evomerge, 3 quietstar, 4 bitnet, 8 compress" in err
+    assert "--until 'baking'" in err and "1 cognate, 2 evomerge, 3 quietstar, 4 bitnet, 5 forge, 8 compress" in err
     assert _model_hashes(run_dir) == before
 
 
@@ -265,10 +292,10 @@ def test_phase_command_runs_one_phase(reference_run, tmp_path):
 def test_phase_command_refuses_unbuilt_phases(reference_run, tmp_path, capsys, monkeypatch):
     run_dir, _ = reference_run
     model = json.loads((run_dir / "02_evomerge" / "result.json").read_text())["model"]["path"]
-    code, err = _main_in_process(["phase", "forge", "--models", str(run_dir / model), "--out", "three"],
+    code, err = _main_in_process(["phase", "baking", "--models", str(run_dir / model), "--out", "three"],
                                  tmp_path, capsys, monkeypatch)
-    assert code == 1 and "forge" in err and "not built yet" in err
-    assert not (tmp_path / "three" / "05_forge").exists()
+    assert code == 1 and "baking" in err and "not built yet" in err
+    assert not (tmp_path / "three" / "06_baking").exists()
 
 
 def test_loaded_model_generates(reference_run):
