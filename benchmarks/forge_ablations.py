@@ -114,10 +114,9 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     cfg, _ = load_config(preset=args.preset)
-    base = _merge(cfg.forge.model_dump(mode="json"), {"steps": args.steps, "eval_every": max(1, args.steps // 6), "patience": 0,
-                         "eval_tasks": args.eval_tasks,
-                         "checkpoint_every": args.steps,
-                         "dream": {"every": max(2, args.steps // 6), "steps": args.dream_steps}})
+    base = _merge(cfg.forge.model_dump(mode="json"), {
+        "steps": args.steps, "eval_every": max(1, args.steps // 6), "patience": 0, "eval_tasks": args.eval_tasks,
+        "checkpoint_every": args.steps, "dream": {"every": max(2, args.steps // 6), "steps": args.dream_steps}})
     results: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

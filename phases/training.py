@@ -23,7 +23,8 @@ import torch
 from coordinator.errors import ArtifactError, PhaseError
 from serialization.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
 
-__all__ = ["training_context", "adamw", "save_train_state", "load_train_state", "fingerprint", "derived_seed"]
+__all__ = ["training_context", "adamw", "load_causal_lm", "save_train_state", "load_train_state", "fingerprint",
+           "derived_seed"]
 
 
 @contextlib.contextmanager
@@ -40,6 +41,27 @@ def training_context(device: torch.device):
         torch.use_deterministic_algorithms(was_det)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def load_causal_lm(model_dir: Path, vocab_size: int, phase: str) -> tuple[torch.nn.Module, Any]:
+    """The fp32 HF causal LM in ``model_dir`` (Cognate included) and its tokenizer, checked to hold
+    the data tokenizer's ``vocab_size`` tokens.
+
+    Raises:
+        ArtifactError: ``model_dir`` has no config.json.  PhaseError: (naming ``phase``) the
+            model's or its tokenizer's vocabulary is smaller than ``vocab_size``.
+    """
+    import phases.cognate.modeling  # noqa: F401 - registers the Cognate classes with the Auto API
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (model_dir / "config.json").is_file():
+        raise ArtifactError(str(model_dir / "config.json"), "missing: not an HF model directory")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if len(tokenizer) < vocab_size or model.get_input_embeddings().weight.shape[0] < vocab_size:
+        raise PhaseError(phase, f"{model_dir}: the model's vocabulary ({len(tokenizer)} tokens) does not hold the "
+                                f"data tokenizer's {vocab_size}")
+    return model, tokenizer
 
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float,

@@ -36,14 +36,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from coordinator.errors import ArtifactError, PhaseError
+from coordinator.errors import PhaseError
 from phases.bitnet.calibrate import add_sub_norm, choose_thresholds, collect, target_layers
 from phases.bitnet.config import BitNetConfig
 from phases.bitnet.packed import PACKED_FILE, PackedBitLinear, load_packed, save_packed
 from phases.bitnet.quant import BitLinear, replace_linears
 from phases.data import TASK_KINDS, Corpus
 from phases.forge.grokfast import make_filter
-from phases.training import (adamw, derived_seed, fingerprint, load_train_state, save_train_state,
+from phases.training import (adamw, derived_seed, fingerprint, load_causal_lm, load_train_state, save_train_state,
                              training_context)
 from serialization.checkpoint import sha256_dir
 
@@ -67,16 +67,7 @@ def lr_at(cfg: BitNetConfig, step: int) -> float:
 
 
 def _load(model_dir: Path, corpus: Corpus) -> tuple[torch.nn.Module, Any]:
-    import phases.cognate.modeling  # noqa: F401 - registers the Cognate classes with the Auto API
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (model_dir / "config.json").is_file():
-        raise ArtifactError(str(model_dir / "config.json"), "missing: not an HF model directory")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if model.get_input_embeddings().weight.shape[0] < corpus.tokenizer.vocab_size:
-        raise PhaseError("bitnet", f"{model_dir}: the model's vocabulary does not hold the data tokenizer's "
-                                   f"{corpus.tokenizer.vocab_size} tokens")
+    model, tokenizer = load_causal_lm(model_dir, corpus.tokenizer.vocab_size, "bitnet")
     if getattr(model.config, "bitnet", None):
         raise PhaseError("bitnet", f"{model_dir} is already a BitNet model (phase 4's output)")
     return model, tokenizer

@@ -12,7 +12,7 @@ from typing import Any
 # the base of every config, used by actors and the coordinator) does not import torch.
 _HOME = {
     **dict.fromkeys(("DataConfig", "FrozenConfig", "TaskMix", "config_error"), "config"),
-    **dict.fromkeys(("BUILTIN_TEXT", "Corpus", "evaluate_perplexity", "load_corpus", "read_documents",
+    **dict.fromkeys(("BUILTIN_TEXT", "Corpus", "evaluate_perplexity", "load_corpus", "mean_nll", "read_documents",
                      "split_documents"), "corpus"),
     **dict.fromkeys(("TASK_KINDS", "Task", "encode_task", "heldout_task_set", "make_task", "pack_tasks",
                      "task_accuracy"), "tasks"),
@@ -32,7 +32,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "DataConfig", "FrozenConfig", "TaskMix", "config_error",
-    "BUILTIN_TEXT", "Corpus", "evaluate_perplexity", "load_corpus", "read_documents", "split_documents",
+    "BUILTIN_TEXT", "Corpus", "evaluate_perplexity", "load_corpus", "mean_nll", "read_documents", "split_documents",
     "TASK_KINDS", "Task", "encode_task", "heldout_task_set", "make_task", "pack_tasks", "task_accuracy",
     "EOS_TOKEN", "PAD_TOKEN", "Tokenizer", "byte_tokenizer", "train_bpe",
 ]

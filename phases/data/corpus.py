@@ -35,7 +35,7 @@ from .tasks import Task, heldout_task_set, pack_tasks
 from .tokenizer import Tokenizer, byte_tokenizer, train_bpe
 
 __all__ = ["BUILTIN_TEXT", "Corpus", "load_corpus", "read_documents", "split_documents",
-           "evaluate_perplexity"]
+           "evaluate_perplexity", "mean_nll"]
 
 BUILTIN_TEXT = (Path(__file__).resolve().parent / "text" / "python_docs.txt",)
 _SPLITS = {"train": 1, "heldout": 2}
@@ -253,6 +253,13 @@ def evaluate_perplexity(model: torch.nn.Module, corpus: Corpus, *, split: str = 
         The perplexity (float).
     """
     windows = corpus.windows(split, seq_len, None if max_batches is None else max_batches * batch_size)
+    return math.exp(mean_nll(model, windows, batch_size=batch_size))
+
+
+@torch.no_grad()
+def mean_nll(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 8) -> float:
+    """Mean next-token NLL (nats) over fixed windows (W, T + 1), in eval mode; the per-window
+    sums are added with ``math.fsum`` (exact, independent of batching and order)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -265,5 +272,4 @@ def evaluate_perplexity(model: torch.nn.Module, corpus: Corpus, *, split: str = 
             sums.extend(nll.sum(dim=1).tolist())
     finally:
         model.train(was_training)
-    tokens = windows.shape[0] * (windows.shape[1] - 1)
-    return math.exp(math.fsum(sums) / tokens)
+    return math.fsum(sums) / (windows.shape[0] * (windows.shape[1] - 1))

@@ -221,7 +221,8 @@ def build_token_cache(paths: Sequence[str | Path], tokenizer: Tokenizer, cache_d
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
     for path in paths:
         if path.suffix.lower() not in FORMATS:
-            raise files_error(f"{path}: unsupported file type {path.suffix or '(none)'!r}; supported: {', '.join(FORMATS)}")
+            raise files_error(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
+                              f"supported: {', '.join(FORMATS)}")
     cache_dir = Path(cache_dir)
     key, sources = _cache_key(paths, tokenizer, text_field, validation_fraction, quality)
     meta_path = cache_dir / "meta.json"
@@ -295,7 +296,8 @@ def _check_result(paths: Sequence[Path], counts: dict, writers: dict[str, _Split
         raise files_error(f"the training files hold no non-empty document: {names}")
     if counts["kept"] == 0:
         why = ", ".join(f"{r}={n}" for r, n in counts["rejected"].items() if n)
-        raise files_error(f"no document of {names} survived the quality filter ({counts['read']} read; rejected: {why}); "
+        raise files_error(f"no document of {names} survived the quality filter ({counts['read']} read; "
+                          f"rejected: {why}); "
                      "loosen forge.data.quality (e.g. min_chars, min_words) or set its enabled: false")
     for split, w in writers.items():
         if w.tokens < 2:

@@ -18,7 +18,8 @@ Every step, in order:
 A BitNet input (``config.bitnet`` lists its ternary layers) gets those layers back as
 ``BitLinear``, each with a sparsity threshold (its phase 4 threshold, else 0.5, under which the
 exported ``codes * scale`` quantize to the same codes and scale, up to float rounding of the
-scale, so the loaded model computes what phase 4 wrote) and is exported as phase 4 exports, so phase 8 still stores it as ternary.
+scale, so the loaded model computes what phase 4 wrote), and is exported as phase 4 exports, so
+phase 8 still stores it as ternary.
 
 Determinism (DESIGN.md): batches, task rows, replay draws and the schedule are pure functions of
 the run seed and the step; the controller and early stopping decide on what the model computed;
@@ -40,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coordinator.errors import ArtifactError, PhaseError
-from phases.data import TASK_KINDS, Corpus, TaskMix
+from coordinator.errors import PhaseError
+from phases.data import TASK_KINDS, Corpus, TaskMix, mean_nll
 from phases.data.tasks import pack_tasks, task_accuracy
 from phases.forge.config import ForgeConfig
 from phases.forge.curriculum import STAGES, stage_at
@@ -49,7 +50,7 @@ from phases.forge.dream import ReplayBuffer, in_dream
 from phases.forge.edge import EdgeController, task_successes
 from phases.forge.grokfast import make_filter
 from phases.forge.selfmodel import SelfModel
-from phases.training import (adamw, derived_seed, fingerprint, load_train_state, save_train_state,
+from phases.training import (adamw, derived_seed, fingerprint, load_causal_lm, load_train_state, save_train_state,
                              training_context)
 from serialization.checkpoint import sha256_dir
 
@@ -67,18 +68,9 @@ _MIB = 2.0 ** 20
 
 def _load(model_dir: Path, corpus: Corpus) -> tuple[nn.Module, Any, dict | None]:
     """The model, its tokenizer and its BitNet info (None for a full-precision model)."""
-    import phases.cognate.modeling  # noqa: F401 - registers the Cognate classes with the Auto API
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from phases.bitnet.quant import replace_linears
 
-    if not (model_dir / "config.json").is_file():
-        raise ArtifactError(str(model_dir / "config.json"), "missing: not an HF model directory")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if model.get_input_embeddings().weight.shape[0] < corpus.tokenizer.vocab_size:
-        raise PhaseError("forge", f"{model_dir}: the model's vocabulary does not hold the data tokenizer's "
-                                  f"{corpus.tokenizer.vocab_size} tokens")
+    model, tokenizer = load_causal_lm(model_dir, corpus.tokenizer.vocab_size, "forge")
     info = getattr(model.config, "bitnet", None)
     if info:
         layers = set(info["layers"])
@@ -91,24 +83,6 @@ def _load(model_dir: Path, corpus: Corpus) -> tuple[nn.Module, Any, dict | None]
         replace_linears(model, keep=[n for n in linears if n not in layers], thresholds=thresholds)
         info = {**info, "thresholds": thresholds}
     return model, tokenizer, info
-
-
-@torch.no_grad()
-def _val_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token cross-entropy over fixed windows (eval mode; exactly rounded sum)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    sums: list[float] = []
-    try:
-        for i in range(0, windows.shape[0], batch_size):
-            x = windows[i:i + batch_size].to(device)
-            logits = model(input_ids=x[:, :-1]).logits
-            sums.extend(F.cross_entropy(logits.transpose(1, 2).double(), x[:, 1:], reduction="none")
-                        .sum(dim=1).tolist())
-    finally:
-        model.train(was_training)
-    return math.fsum(sums) / (windows.shape[0] * (windows.shape[1] - 1))
 
 
 class _Batches:
@@ -170,7 +144,8 @@ class _Usage:
         """Over the whole run in this process (``steps`` steps of ``batch_size`` rows)."""
         seconds = time.perf_counter() - self.t0
         return {"seconds": seconds, "steps": steps, "training_throughput": steps * batch_size / max(seconds, 1e-9),
-                "disk_io_mb": (self._io() - self.io0) / _MIB, "memory_usage_mb": self.sample(0)["forge/memory_usage_mb"]}
+                "disk_io_mb": (self._io() - self.io0) / _MIB,
+                "memory_usage_mb": self.sample(0)["forge/memory_usage_mb"]}
 
 
 def _step_metrics(row: list[float], edge_rate: float | None, self_model: bool) -> dict[str, float]:
@@ -221,7 +196,7 @@ def train_forge(model_dir: Path, cfg: ForgeConfig, corpus: Corpus, *, seed: int,
     batches = _Batches(cfg, corpus, cache, seq_len, seed)
     with training_context(dev):
         model, tokenizer, bitnet = _load(model_dir, corpus)
-        input_val = _val_loss(model, val_windows, cfg.batch_size)
+        input_val = mean_nll(model, val_windows, batch_size=cfg.batch_size)
         input_tasks = task_accuracy(model, corpus.tokenizer, tasks)["tasks/accuracy"] if tasks else None
         model.to(dev)
         parts = nn.ModuleDict({"model": model})
@@ -296,7 +271,7 @@ def train_forge(model_dir: Path, cfg: ForgeConfig, corpus: Corpus, *, seed: int,
                 raise PhaseError("forge", f"the loss became {row[0]} at step {step}; lower forge.lr")
             metrics = _step_metrics(row, edge.rate if cfg.edge.enabled else None, self_model is not None)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val = _val_loss(model, val_windows, cfg.batch_size)
+                val = mean_nll(model, val_windows, batch_size=cfg.batch_size)
                 evals = torch.cat([evals, torch.tensor([[step, val]], dtype=torch.float64)])
                 if val < early[0] - cfg.min_delta:
                     early[0], early[1], early[2] = val, 0, step
@@ -321,7 +296,7 @@ def train_forge(model_dir: Path, cfg: ForgeConfig, corpus: Corpus, *, seed: int,
         if self_model is not None:
             self_model.remove()
         model.eval().to("cpu")
-        final_val = _val_loss(model, val_windows, cfg.batch_size)
+        final_val = mean_nll(model, val_windows, batch_size=cfg.batch_size)
         final_tasks = task_accuracy(model, corpus.tokenizer, tasks)["tasks/accuracy"] if tasks else None
         _export(model, tokenizer, out_dir, bitnet)
     return _summary(cfg, records, evals, early, edge, buffer, input_val, final_val, input_tasks, final_tasks,

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from coordinator.errors import ArtifactError, PhaseError
+from coordinator.errors import PhaseError
 from phases.data import TASK_KINDS, Corpus
 from phases.quietstar.config import QuietStarConfig
 from phases.quietstar.evaluate import exact_match_accuracy, heldout_losses, sample_thought_rows, token_nll
 from phases.quietstar.model import ThoughtModel, add_thought_tokens, save_thought_model
-from phases.training import (adamw, derived_seed, fingerprint, load_train_state, save_train_state,
+from phases.training import (adamw, derived_seed, fingerprint, load_causal_lm, load_train_state, save_train_state,
                              training_context)
 from serialization.checkpoint import sha256_dir
 
@@ -67,17 +67,7 @@ def _record(rollout: Any) -> list[float]:
 
 
 def _load(model_dir: Path, cfg: QuietStarConfig, corpus: Corpus, seed: int) -> tuple[ThoughtModel, Any]:
-    import phases.cognate.modeling  # noqa: F401 - registers the Cognate classes with the Auto API
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (model_dir / "config.json").is_file():
-        raise ArtifactError(str(model_dir / "config.json"), "missing: not an HF model directory")
-    lm = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if len(tokenizer) < corpus.tokenizer.vocab_size or lm.get_input_embeddings().weight.shape[0] < \
-            corpus.tokenizer.vocab_size:
-        raise PhaseError("quietstar", f"{model_dir}: the model's vocabulary ({len(tokenizer)} tokens) does not hold "
-                                      f"the data tokenizer's {corpus.tokenizer.vocab_size}")
+    lm, tokenizer = load_causal_lm(model_dir, corpus.tokenizer.vocab_size, "quietstar")
     start_id, end_id = add_thought_tokens(lm, tokenizer, cfg)
     model = ThoughtModel(lm, cfg, start_id=start_id, end_id=end_id, init_seed=derived_seed(seed, "quietstar/init"))
     return model, tokenizer

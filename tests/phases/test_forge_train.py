@@ -315,3 +315,17 @@ def test_training_on_data_files_streams_them_through_the_token_cache(input_dir, 
     assert stats["documents"]["rejected"]["duplicate"] == 2 and sum(stats["documents"]["rejected"].values()) == 3
     assert 0 < stats["documents"]["valid"] < 15
     assert out["metrics"]["forge/val_loss"] < out["metrics"]["forge/val_loss_input"]
+
+
+def test_bad_inputs_are_typed_errors(corpus, tmp_path):
+    """Not an HF dir: ArtifactError; a model whose vocabulary is smaller than the data's: PhaseError
+    naming the phase; nothing is written either way."""
+    from coordinator.errors import ArtifactError, PhaseError
+    from phases.cognate.train import save_model_dir
+
+    with pytest.raises(ArtifactError, match="not an HF model directory"):
+        train_forge(tmp_path, CFG, corpus, seed=0, work_dir=tmp_path / "w1", out_dir=tmp_path / "o1")
+    save_model_dir(tiny_cognate(vocab_size=100), corpus.tokenizer, tmp_path / "small")
+    with pytest.raises(PhaseError, match="forge.*does not hold the data tokenizer's 258"):
+        train_forge(tmp_path / "small", CFG, corpus, seed=0, work_dir=tmp_path / "w2", out_dir=tmp_path / "o2")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
