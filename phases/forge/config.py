@@ -164,6 +164,9 @@ class ForgeConfig(FrozenConfig):
     # (0: never stop early).
     patience: int = Field(5, ge=0)
     min_delta: float = Field(0.0, ge=0.0)
+    # Export the weights of the best validation (a copy is kept, and checkpointed, while
+    # training) instead of the last step's.
+    restore_best: bool = True
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)  # throughput, memory and CPU use (the per-step metrics go every step)
     gpus: float = Field(0.0, ge=0.0)  # > 0: train on CUDA (measurements stay on CPU)

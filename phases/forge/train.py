@@ -13,7 +13,8 @@ Every step, in order:
 5. the controller counts the step's task successes (read off the same forward pass);
 6. every ``eval_every`` steps the validation loss, and early stopping on it; every
    ``checkpoint_every`` steps a train-state checkpoint (model, self-model heads, AdamW state,
-   Grokfast state, the reservoir, the controller and the early-stopping state).
+   Grokfast state, the reservoir, the controller, the early-stopping state and the best
+   validation's weights). With ``restore_best`` the exported model is the best validation's.
 
 A BitNet input (``config.bitnet`` lists its ternary layers) gets those layers back as
 ``BitLinear``, each with a sparsity threshold (its phase 4 threshold, else 0.5, under which the
@@ -218,6 +219,7 @@ def train_forge(model_dir: Path, cfg: ForgeConfig, corpus: Corpus, *, seed: int,
         extra: dict[str, torch.Tensor] = {}
         resumed = load_train_state(work_dir, parts, opt, fp, phase="forge", extra=extra)
         start, records = resumed if resumed else (0, [])
+        best: dict[str, torch.Tensor] = {}  # the model's weights at the best validation (restore_best)
         if resumed:
             def sub(prefix: str) -> dict[str, torch.Tensor]:
                 return {k.removeprefix(prefix): v for k, v in extra.items() if k.startswith(prefix)}
@@ -225,7 +227,7 @@ def train_forge(model_dir: Path, cfg: ForgeConfig, corpus: Corpus, *, seed: int,
                 grokfast.load_state_dict(sub("grokfast/"))
             edge.load_state_dict(sub("edge/"))
             buffer.load_state_dict(sub("dream/"))
-            early, evals = extra["early"].clone(), extra["evals"].clone()
+            early, evals, best = extra["early"].clone(), extra["evals"].clone(), sub("best/")
         if progress is not None and start:
             progress(start, cfg.steps)
         usage = _Usage(dev)
@@ -275,6 +277,8 @@ def train_forge(model_dir: Path, cfg: ForgeConfig, corpus: Corpus, *, seed: int,
                 evals = torch.cat([evals, torch.tensor([[step, val]], dtype=torch.float64)])
                 if val < early[0] - cfg.min_delta:
                     early[0], early[1], early[2] = val, 0, step
+                    if cfg.restore_best:
+                        best = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
                 else:
                     early[1] += 1
                     early[3] = float(cfg.patience > 0 and early[1] >= cfg.patience)
@@ -285,7 +289,7 @@ def train_forge(model_dir: Path, cfg: ForgeConfig, corpus: Corpus, *, seed: int,
                     sampled = step
                 log(metrics, step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or early[3]:
-                state = {"early": early, "evals": evals}
+                state = {"early": early, "evals": evals, **{f"best/{n}": v for n, v in best.items()}}
                 for prefix, part in (("grokfast/", grokfast), ("edge/", edge), ("dream/", buffer)):
                     if part is not None:
                         state.update({prefix + k: v for k, v in part.state_dict().items()})
@@ -296,6 +300,10 @@ def train_forge(model_dir: Path, cfg: ForgeConfig, corpus: Corpus, *, seed: int,
         if self_model is not None:
             self_model.remove()
         model.eval().to("cpu")
+        if best and int(early[2]) != step:  # the best validation was not the last step's
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(best[n])
         final_val = mean_nll(model, val_windows, batch_size=cfg.batch_size)
         final_tasks = task_accuracy(model, corpus.tokenizer, tasks)["tasks/accuracy"] if tasks else None
         _export(model, tokenizer, out_dir, bitnet)

@@ -246,14 +246,17 @@ def test_a_checkpoint_of_another_config_is_refused(forged, input_dir, corpus, tm
     foreign_checkpoint_is_refused(root / "work", tmp_path, lambda r: _run(input_dir, corpus, r, cfg=other))
 
 
-def test_early_stopping_stops_and_a_resume_does_not_train_on(input_dir, corpus, tmp_path):
+def test_early_stopping_stops_restores_the_best_weights_and_a_resume_does_not_train_on(input_dir, corpus, tmp_path):
     cfg = CFG.model_copy(update={"patience": 1, "min_delta": 100.0})  # no validation can improve by 100
     out = _run(input_dir, corpus, tmp_path, cfg=cfg)
     m = out["metrics"]
     assert m["forge/early_stopped"] == 1 and m["forge/training_steps"] == 8 and m["forge/best_step"] == 4
+    assert m["forge/val_loss"] == m["forge/best_val_loss"] == out["report"]["validations"][0][1]  # step 4's weights
     first = sha256_dir(tmp_path / "out")
-    again = _run(input_dir, corpus, tmp_path, cfg=cfg)
+    again = _run(input_dir, corpus, tmp_path, cfg=cfg)  # resumes the stopped run's last checkpoint
     assert again["metrics"]["forge/training_steps"] == 8 and sha256_dir(tmp_path / "out") == first
+    last = _run(input_dir, corpus, tmp_path / "last", cfg=cfg.model_copy(update={"restore_best": False}))
+    assert last["metrics"]["forge/val_loss"] == last["report"]["validations"][1][1] != m["forge/val_loss"]
 
 
 def test_a_bitnet_model_trains_quantization_aware_and_stays_ternary(corpus, tmp_path):
