@@ -20,7 +20,8 @@ is measured twice, against the same runs with it off: ``all`` vs ``no-<feature>`
 
 Every other setting is the ``forge:`` section of ``--preset`` (default tiny), with ``--steps``
 and dream cycles scaled to the budget (every ``steps // 6`` steps, ``--dream-steps`` long:
-the reference's 1000/50 would never fire in a short run). Each row gives, as mean and spread
+the reference's 1000/50 would never fire in a short run), no early stopping, and the last
+step's weights measured (``restore_best`` off), so every variant gets the same budget. Each row gives, as mean and spread
 over ``--seeds`` seeds (the run seed, which sets the data order and the task and replay draws):
 held-out validation loss (text), held-out task accuracy (exact match on the corpus' fixed
 held-out tasks, ``eval_tasks`` per kind), the success rate on training tasks, and wall time;
@@ -115,7 +116,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     cfg, _ = load_config(preset=args.preset)
     base = _merge(cfg.forge.model_dump(mode="json"), {
-        "steps": args.steps, "eval_every": max(1, args.steps // 6), "patience": 0, "eval_tasks": args.eval_tasks,
+        "steps": args.steps, "eval_every": max(1, args.steps // 6), "patience": 0, "restore_best": False,
+        "eval_tasks": args.eval_tasks,
         "checkpoint_every": args.steps, "dream": {"every": max(2, args.steps // 6), "steps": args.dream_steps}})
     results: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
