@@ -31,7 +31,7 @@ does not fit. The defaults keep p = 97 and cap the baseline at 11,000 steps (``-
 7,000 (``--control-cap``), and report lower bounds; the four runs go two at a time in worker processes of one
 thread each (``--jobs 2 --threads 1``: on 2 cores this is nearly twice the throughput of one run on 2 threads, and
 2 threads thrash when anything else is running). A step costs ~0.11 s on an idle core (0.22 s while other jobs
-shared the machine): the default run takes ~21 min on an idle 2-core machine (it took 40 min with other load).
+shared the machine, as in the default run below, which took 40 min).
 
 Result of the default run (seed 0, this machine): baseline memorises by step 400 (train 99%) but its val accuracy is
 0.643 at the 11,000-step cap (>= 11000); EMA reaches 95% val at step 930 (paper 910), MA at 1,070 (paper 790):
