@@ -131,16 +131,16 @@ def test_dream_steps_follow_every_and_steps():
 
 
 def test_the_reservoir_holds_every_row_seen_with_equal_probability():
-    """1000 rows offered 10 at a time to a 100-slot reservoir, over 200 seeds: each row is kept
+    """1000 rows offered 10 at a time to a 100-slot reservoir, over 80 seeds: each row is kept
     with probability 0.1; early and late rows alike (the sampling rule of dream.py)."""
     counts = np.zeros(1000)
-    for seed in range(200):
+    for seed in range(80):
         buf = ReplayBuffer(100, seed)
         for step in range(100):
             buf.add(torch.arange(step * 10, step * 10 + 10)[:, None], step)
         assert len(buf) == 100 and buf.seen == 1000
         counts[buf.rows[:, 0].numpy()] += 1
-    per_tenth = counts.reshape(10, 100).sum(1) / (200 * 100)  # share of each tenth of the stream
+    per_tenth = counts.reshape(10, 100).sum(1) / (80 * 100)  # share of each tenth of the stream (sd 0.0034)
     assert np.allclose(per_tenth, 0.1, atol=0.015), per_tenth
 
 
