@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from coordinator.drivers.ray_tasks import HistoryWriter, read_history, wait_all
+from coordinator.drivers.ray_tasks import HistoryWriter, wait_training
 from coordinator.pipeline import PhaseContext, PhaseInputs, PhaseOutput, register_phase
 from serialization.checkpoint import atomic_write_json
 
@@ -58,11 +58,7 @@ def run_bitnet(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
     # Ray retries a task whose worker died (max_retries); the task resumes from its checkpoint.
     ref = ray.remote(_train_task).options(name="bitnet.train", num_cpus=cpus, num_gpus=cfg.gpus,
                                           max_retries=2).remote(**task)
-    history = work / "history.jsonl"
-    result = wait_all({"train": ref}, histories={"train": history}, total_steps={"train": max(cfg.steps, 1)},
-                      progress=ctx.progress)["train"]
-    for row in read_history(history):
-        ctx.log({k: v for k, v in row.items() if k != "step"}, row["step"])
+    result = wait_training(ref, work / "history.jsonl", cfg.steps, ctx)
     calibration = ctx.phase_dir / "bitnet_calibration_stats.json"
     report = ctx.phase_dir / "bitnet_performance_report.json"
     atomic_write_json(calibration, result["calibration"])

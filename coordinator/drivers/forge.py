@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from coordinator.drivers.ray_tasks import HistoryWriter, read_history, wait_all
+from coordinator.drivers.ray_tasks import HistoryWriter, wait_training
 from coordinator.pipeline import PhaseContext, PhaseInputs, PhaseOutput, register_phase
 from serialization.checkpoint import atomic_write_json
 
@@ -56,11 +56,7 @@ def run_forge(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
     # Ray retries a task whose worker died (max_retries); the task resumes from its checkpoint.
     ref = ray.remote(_train_task).options(name="forge.train", num_cpus=cpus, num_gpus=cfg.gpus,
                                           max_retries=2).remote(**task)
-    history = work / "history.jsonl"
-    result = wait_all({"train": ref}, histories={"train": history}, total_steps={"train": cfg.steps},
-                      progress=ctx.progress)["train"]
-    for row in read_history(history):
-        ctx.log({k: v for k, v in row.items() if k != "step"}, row["step"])
+    result = wait_training(ref, work / "history.jsonl", cfg.steps, ctx)
     summary = ctx.phase_dir / "forge_training_summary.json"
     atomic_write_json(summary, result["report"])
     atomic_write_json(ctx.phase_dir / "timings.json", result["timings"])  # measured: not an artifact

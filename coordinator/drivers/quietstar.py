@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from coordinator.drivers.ray_tasks import HistoryWriter, read_history, wait_all
+from coordinator.drivers.ray_tasks import HistoryWriter, wait_training
 from coordinator.pipeline import PhaseContext, PhaseInputs, PhaseOutput, register_phase
 from serialization.checkpoint import atomic_write_json, read_json
 
@@ -86,11 +86,7 @@ def run_quietstar(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
     else:
         ref = ray.remote(_data_parallel_task).options(name="quietstar.train", num_cpus=0, max_retries=0).remote(
             task, cfg.workers, cpus, cfg.gpus_per_worker, str((ctx.work_dir / "ray_train").resolve()))
-    history = work / "history.jsonl"
-    result = wait_all({"train": ref}, histories={"train": history}, total_steps={"train": cfg.steps},
-                      progress=ctx.progress)["train"]
-    for row in read_history(history):
-        ctx.log({k: v for k, v in row.items() if k != "step"}, row["step"])
+    result = wait_training(ref, work / "history.jsonl", cfg.steps, ctx)
     examples = ctx.phase_dir / "quietstar_thought_examples.json"
     atomic_write_json(examples, result["samples"])
     return PhaseOutput(model=out_dir, models=[out_dir], metrics=result["metrics"],

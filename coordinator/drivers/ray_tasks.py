@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["HistoryWriter", "read_history", "wait_all"]
+__all__ = ["HistoryWriter", "read_history", "wait_all", "wait_training"]
 
 
 class HistoryWriter:
@@ -73,3 +73,14 @@ def wait_all(
                 done = rows[-1]["step"] + 1 if rows else 0
                 progress(name, min(done, total_steps[name]), total_steps[name])
     return out
+
+
+def wait_training(ref: Any, history: Path, steps: int, ctx: Any) -> Any:
+    """Wait for one training task (progress from its ``history`` of ``steps`` steps), then log
+    the history's rows to the phase (``ctx.log``: W&B and metrics.jsonl). Returns the task's
+    return value; raises its error."""
+    result = wait_all({"train": ref}, histories={"train": history}, total_steps={"train": max(steps, 1)},
+                      progress=ctx.progress)["train"]
+    for row in read_history(history):
+        ctx.log({k: v for k, v in row.items() if k != "step"}, row["step"])
+    return result
