@@ -167,8 +167,12 @@ def load_config(
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if overrides:
         data = apply_overrides(data, overrides)
-    corpus = (data.get("data") or {}).get("corpus") if isinstance(data, dict) else None
-    if isinstance(corpus, list):
-        # User corpus files are relative to the config file, not to where the command runs.
-        data["data"]["corpus"] = [str((path.parent / c).resolve()) if isinstance(c, str) else c for c in corpus]
+    # User data files (the corpus, phase 5's training files) are relative to the config file, not
+    # to where the command (or a Ray worker on another node) runs.
+    for keys in (("data", "corpus"), ("forge", "data", "files")):
+        parent, files = data, data
+        for key in keys:
+            parent, files = files, files.get(key) if isinstance(files, dict) else None
+        if isinstance(files, list):
+            parent[keys[-1]] = [str((path.parent / f).resolve()) if isinstance(f, str) else f for f in files]
     return parse_config(data, source=str(path)), data

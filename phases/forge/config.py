@@ -34,7 +34,7 @@ from pydantic import Field, field_validator, model_validator
 
 from phases.data.config import FrozenConfig
 from phases.forge.grokfast import GrokfastConfig
-from phases.forge.sources import QualityFilter
+from phases.forge.sources import FORMATS, QualityFilter
 
 __all__ = ["CurriculumConfig", "DreamConfig", "EdgeConfig", "ForgeConfig", "ForgeDataConfig", "SelfModelConfig"]
 
@@ -138,6 +138,14 @@ class ForgeDataConfig(FrozenConfig):
     quality: QualityFilter = QualityFilter()
     # Share of each batch's rows that are generated tasks (the rest is text).
     task_fraction: float = Field(0.25, ge=0.0, le=1.0)
+
+    @field_validator("files")
+    @classmethod
+    def _check_files(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for i, path in enumerate(v):
+            if not str(path).lower().endswith(FORMATS):
+                raise ValueError(f"file {i} ({path!r}) must end with one of {', '.join(FORMATS)}")
+        return v
 
 
 class ForgeConfig(FrozenConfig):

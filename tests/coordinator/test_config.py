@@ -59,3 +59,20 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="unknown preset 'huge'.*tiny"):
         load_config(preset="huge")
+
+
+def test_data_files_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    """The corpus and phase 5's training files resolve against the config's folder (absolute
+    paths, so a Ray worker with another working directory finds them)."""
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "run.yaml").write_text(yaml.safe_dump(
+        {"data": {"corpus": ["docs/a.txt"]}, "forge": {"data": {"files": ["train.jsonl", str(tmp_path / "b.h5")]}}}))
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = load_config(tmp_path / "cfg" / "run.yaml")
+    assert cfg.data.corpus == (str(tmp_path / "cfg" / "docs" / "a.txt"),)
+    assert cfg.forge.data.files == (str(tmp_path / "cfg" / "train.jsonl"), str(tmp_path / "b.h5"))
+
+
+def test_a_forge_data_file_of_an_unknown_format_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"forge.data.files.*\.pkl.*must end with one of \.txt"):
+        parse_config({"forge": {"data": {"files": ["train.pkl"]}}})
