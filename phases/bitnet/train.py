@@ -41,7 +41,7 @@ from phases.bitnet.calibrate import add_sub_norm, choose_thresholds, collect, ta
 from phases.bitnet.config import BitNetConfig
 from phases.bitnet.packed import PACKED_FILE, PackedBitLinear, load_packed, save_packed
 from phases.bitnet.quant import BitLinear, replace_linears
-from phases.data import TASK_KINDS, Corpus
+from phases.data import Corpus
 from phases.forge.grokfast import make_filter
 from phases.training import (adamw, derived_seed, fingerprint, load_causal_lm, load_train_state, save_train_state,
                              training_context)
@@ -149,7 +149,7 @@ def train_bitnet(model_dir: Path, cfg: BitNetConfig, corpus: Corpus, *, seed: in
     seq_len = cfg.seq_len or corpus.config.seq_len
     fp = fingerprint(stage="bitnet", seed=seed, corpus=corpus.fingerprint, model=sha256_dir(model_dir),
                      seq_len=seq_len, cfg=cfg.model_dump(mode="json", exclude=_NOT_TRAINING))
-    tasks = [t for k in TASK_KINDS for t in [t for t in corpus.heldout_tasks if t.kind == k][:cfg.eval_tasks]]
+    tasks = corpus.heldout_subset(cfg.eval_tasks)
     gen = torch.Generator().manual_seed(derived_seed(seed, "bitnet/profile"))
     profile_ids = torch.randint(0, corpus.tokenizer.vocab_size, (cfg.profile_batch, cfg.profile_seq_len),
                                 generator=gen)

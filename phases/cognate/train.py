@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from coordinator.errors import ArtifactError, ConfigError, PhaseError
-from phases.data import TASK_KINDS, Corpus, TaskMix, Tokenizer, evaluate_perplexity, task_accuracy
+from phases.data import Corpus, TaskMix, Tokenizer, evaluate_perplexity, task_accuracy
 from phases.training import (adamw, derived_seed, fingerprint, load_train_state, save_train_state,
                              training_context)
 from serialization.checkpoint import publish_dir, sha256_file, staging_dir
@@ -174,7 +174,7 @@ def evaluate_model(model: CognateForCausalLM, cfg: CognateConfig, corpus: Corpus
     device = next(model.parameters()).device
     windows = corpus.windows("heldout", max_windows=cfg.batch_size).to(device)
     ponder = float(model(input_ids=windows[:, :-1]).ponder_steps)
-    tasks = [t for k in TASK_KINDS for t in [t for t in corpus.heldout_tasks if t.kind == k][:cfg.eval_tasks]]
+    tasks = corpus.heldout_subset(cfg.eval_tasks)
     out = {"training/perplexity": ppl, "eval/ponder_steps": ponder}
     out.update(task_accuracy(model, corpus.tokenizer, tasks, batch_size=64))
     return out

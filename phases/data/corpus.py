@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from coordinator.errors import ConfigError
 
 from .config import DataConfig, TaskMix
-from .tasks import Task, heldout_task_set, pack_tasks
+from .tasks import TASK_KINDS, Task, heldout_task_set, pack_tasks
 from .tokenizer import Tokenizer, byte_tokenizer, train_bpe
 
 __all__ = ["BUILTIN_TEXT", "Corpus", "load_corpus", "read_documents", "split_documents",
@@ -128,6 +128,15 @@ class Corpus:
     heldout_tasks: tuple[Task, ...]
     fingerprint: str  # sha256 over tokenizer, id streams, tasks and config
     _exclude: frozenset[str] = field(repr=False, default=frozenset())
+
+    @property
+    def heldout_prompts(self) -> frozenset[str]:
+        """The held-out tasks' prompts, which training streams never emit."""
+        return self._exclude
+
+    def heldout_subset(self, per_kind: int) -> list[Task]:
+        """The first ``per_kind`` held-out tasks of each kind, kinds in ``TASK_KINDS`` order."""
+        return [t for k in TASK_KINDS for t in [t for t in self.heldout_tasks if t.kind == k][:per_kind]]
 
     def _ids(self, split: str) -> torch.Tensor:
         if split not in _SPLITS:

@@ -95,7 +95,6 @@ class _Batches:
         self.n_tasks = round(cfg.data.task_fraction * cfg.batch_size)
         kinds = corpus.config.mix.row_probabilities()[1]
         self.kinds = kinds or {k: 1.0 / len(TASK_KINDS) for k in TASK_KINDS}
-        self.exclude = frozenset(t.prompt for t in corpus.heldout_tasks)
 
     def __call__(self, step: int, max_operand: int) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
         n_text = self.cfg.batch_size - self.n_tasks
@@ -107,7 +106,7 @@ class _Batches:
             rng = np.random.default_rng(np.random.SeedSequence([self.task_seed, step, r]))
             row_spans: list[tuple[int, int]] = []
             ids = pack_tasks(rng, self.corpus.tokenizer, self.seq_len + 1, self.kinds, max_operand=max_operand,
-                             max_modulus=self.corpus.config.max_modulus, exclude=self.exclude, spans=row_spans)
+                             max_modulus=self.corpus.config.max_modulus, exclude=self.corpus.heldout_prompts, spans=row_spans)
             rows.append(torch.tensor(ids, dtype=torch.long)[None])
             spans += [(n_text + r, s, e) for s, e in row_spans]
         return torch.cat(rows), spans
@@ -131,12 +130,15 @@ class _Usage:
         except (AttributeError, OSError):  # not every platform counts per-process I/O
             return 0
 
-    def sample(self, samples: int) -> dict[str, float]:
-        now, io = time.perf_counter(), self._io()
+    def _memory_mb(self) -> float:
         mem = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                else self.proc.memory_info().rss)
+        return mem / _MIB
+
+    def sample(self, samples: int) -> dict[str, float]:
+        now, io = time.perf_counter(), self._io()
         out = {"forge/training_throughput": samples / max(now - self.t, 1e-9),
-               "forge/memory_usage_mb": mem / _MIB, "forge/cpu_usage_percent": self.proc.cpu_percent(),
+               "forge/memory_usage_mb": self._memory_mb(), "forge/cpu_usage_percent": self.proc.cpu_percent(),
                "forge/disk_io_mb": (io - self.io) / _MIB}
         self.t, self.io = now, io
         return out
@@ -146,7 +148,7 @@ class _Usage:
         seconds = time.perf_counter() - self.t0
         return {"seconds": seconds, "steps": steps, "training_throughput": steps * batch_size / max(seconds, 1e-9),
                 "disk_io_mb": (self._io() - self.io0) / _MIB,
-                "memory_usage_mb": self.sample(0)["forge/memory_usage_mb"]}
+                "memory_usage_mb": self._memory_mb()}
 
 
 def _step_metrics(row: list[float], edge_rate: float | None, self_model: bool) -> dict[str, float]:
@@ -193,7 +195,7 @@ def train_forge(model_dir: Path, cfg: ForgeConfig, corpus: Corpus, *, seed: int,
                      cfg=cfg.model_dump(mode="json", exclude=_NOT_TRAINING))
     val_windows = (cache.windows("valid", seq_len, cfg.eval_batches * cfg.batch_size) if cache
                    else corpus.windows("heldout", seq_len, cfg.eval_batches * cfg.batch_size))
-    tasks = [t for k in TASK_KINDS for t in [t for t in corpus.heldout_tasks if t.kind == k][:cfg.eval_tasks]]
+    tasks = corpus.heldout_subset(cfg.eval_tasks)
     batches = _Batches(cfg, corpus, cache, seq_len, seed)
     with training_context(dev):
         model, tokenizer, bitnet = _load(model_dir, corpus)

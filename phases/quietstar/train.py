@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from coordinator.errors import PhaseError
-from phases.data import TASK_KINDS, Corpus
+from phases.data import Corpus
 from phases.quietstar.config import QuietStarConfig
 from phases.quietstar.evaluate import exact_match_accuracy, heldout_losses, sample_thought_rows, token_nll
 from phases.quietstar.model import ThoughtModel, add_thought_tokens, save_thought_model
@@ -161,7 +161,7 @@ def train_quietstar(model_dir: Path, cfg: QuietStarConfig, corpus: Corpus, *, se
         model, tokenizer = _load(model_dir, cfg, corpus, seed)
         model.to(dev)
         windows = corpus.windows("heldout", seq_len, max_windows=cfg.eval_batches * cfg.batch_size)
-        tasks = [t for k in TASK_KINDS for t in [t for t in corpus.heldout_tasks if t.kind == k][:cfg.eval_tasks]]
+        tasks = corpus.heldout_subset(cfg.eval_tasks)
         if lead:  # before training: the reference the trained model is compared with
             input_nll = token_nll(model.lm, windows, batch_size=cfg.batch_size)
             input_acc = exact_match_accuracy(model.lm, corpus.tokenizer, tasks) if tasks else None
