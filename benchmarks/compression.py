@@ -83,7 +83,7 @@ def _run_strategy(root: Path, model: Path, preset: str, strategy: str, overrides
 
 def _bitnet_model(model: Path, out: Path) -> Path:
     """A copy of ``model`` with its linear layers (not the LM head) ternarised in place."""
-    from actors.compression.io import load_hf, save_hf
+    from actors.io import load_hf, save_hf
     from phases.compression.ternary import ternarize_linears
 
     m = load_hf(model)
@@ -97,7 +97,7 @@ def vptq_vs_rtn(model_dir: Path, preset: str) -> list[dict]:
     stores no more bits, Hessian-weighted error on the corpus' calibration windows."""
     import torch
 
-    from actors.compression.io import load_hf
+    from actors.io import load_hf
     from coordinator.config import load_config
     from phases.compression import rtn, vptq
     from phases.compression.analyze import weight_matrices

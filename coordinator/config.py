@@ -21,6 +21,7 @@ from coordinator.chaos import ChaosConfig
 from coordinator.errors import ConfigError
 from phases.cognate.config import CognateConfig
 from phases.bitnet.config import BitNetConfig
+from phases.baking.config import BakingConfig
 from phases.compression.config import CompressConfig
 from phases.data.config import DataConfig, FrozenConfig, config_error
 from phases.evomerge.config import EvoMergeConfig
@@ -81,6 +82,7 @@ class PipelineConfig(FrozenConfig):
     quietstar: QuietStarConfig = QuietStarConfig()
     bitnet: BitNetConfig = BitNetConfig()
     forge: ForgeConfig = ForgeConfig()
+    baking: BakingConfig = BakingConfig()
     compress: CompressConfig = CompressConfig()
 
     def section(self, phase: str) -> BaseModel | None:

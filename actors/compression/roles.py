@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.compression.io import corpus_for, load_hf, quality_of, save_hf, set_threads
+from actors.io import corpus_for, load_hf, quality_of, save_hf, set_threads
 from actors.roles import StatelessRole
 from serialization.checkpoint import atomic_write_json
 

@@ -11,8 +11,12 @@ on the generated positions only, summed over positions and divided by the number
 (the reference's ``F.kl_div(log_softmax(student), log_softmax(teacher), log_target=True)
 .sum() / batch``).
 
-The paper bakes with LoRA (r=32, q/k/v/o); it can be added with peft. Here the whole of a tiny
-model is fine-tuned, and the teacher is a frozen deep copy of the model taken before training.
+``bake(method="full")`` fine-tunes the whole model; ``method="lora"`` bakes as the paper does, into
+LoRA adapters (Hu et al. 2021; the paper: r=32 on q/k/v/o) made with peft, then merged into the
+weights, so the result is a plain model with either method. The teacher is a frozen deep copy of
+the model taken before training. With BitLinear layers (phase 4's QAT) the adapters are merged into
+the latent weights, which are then re-quantized: the merged model is close to, not equal to, the
+adapted one (``kl_after`` is measured on the merged model).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,8 +35,13 @@ from phases.training import adamw, derived_seed
 if TYPE_CHECKING:
     from phases.data.tokenizer import Tokenizer
 
-__all__ = ["DEFAULT_TRAITS", "BakeResult", "bake", "baking_kl", "kl_batch", "persona_prompt",
+__all__ = ["DEFAULT_TRAITS", "BAKE_METHODS", "BakeResult", "bake", "baking_kl", "kl_batch", "persona_prompt",
            "sample_continuations"]
+
+BAKE_METHODS = ("full", "lora")
+# LoRA's targets: the attention projections only. Cognate's memory also names its projections q/k/v_proj, so a
+# plain suffix list ["q_proj", "k_proj", "v_proj", "o_proj"] would adapt those too; the paper adapts attention.
+_LORA_TARGETS = r".*\.attn\.(q_proj|k_proj|v_proj|o_proj)"
 
 # The reference's persona traits, each in [0, 1].
 DEFAULT_TRAITS: Mapping[str, float] = {"helpfulness": 0.9, "creativity": 0.7, "precision": 0.8}
@@ -191,13 +200,15 @@ def baking_kl(student: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: Se
 
 @dataclass(frozen=True)
 class BakeResult:
-    """What ``bake`` measured: held-out KL before and after, their ratio, steps, per-step loss."""
+    """What ``bake`` measured (held-out KL before and after, their ratio, steps, per-step loss) and the baked
+    model (not part of the comparison or the repr)."""
 
     kl_before: float
     kl_after: float
     reduction_factor: float  # kl_before / kl_after (inf when kl_after is 0)
     steps: int
     losses: list[float]
+    model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
 
 def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -220,11 +231,51 @@ def _mean_kl(student, teacher, prompt_ids, examples, batch_size: int, bos_id: in
     return total / len(examples)
 
 
+def _train(student: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: Sequence[int],
+           train: Sequence[tuple[list[int], list[int]]], steps: int, lr: float, batch_size: int, seed: int,
+           bos: int | None) -> list[float]:
+    """AdamW steps on the baking KL with the student in eval mode; returns the per-step losses. Frozen parameters
+    get no gradient, and AdamW skips them.
+
+    BitLinear layers (phase 4's QAT, ``phases/bitnet/quant.py``) compute in eval mode exactly as the packed model
+    does, with no gradient; during the steps they alone run in train mode, their straight-through forward (the
+    same ternary weights and 8-bit activations), as QAT trains them. The rest stays in eval mode.
+    """
+    from phases.bitnet.quant import BitLinear  # plain torch; imported here as only BitNet models need it
+
+    qat = [m for m in student.modules() if isinstance(m, BitLinear)]
+    for m in qat:
+        m.train()
+    opt = adamw(student, lr, weight_decay=0.0)
+    losses = []
+    try:
+        for step in range(steps):
+            batch = [train[i] for i in _batch_indices(len(train), batch_size, seed, step)]
+            loss = baking_kl(student, teacher, prompt_ids, batch, bos_id=bos)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for m in qat:
+            m.eval()
+    return losses
+
+
+def _with_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
+    """``model`` wrapped by peft with rank-``rank`` LoRA adapters on the attention projections (alpha = 2 * rank,
+    no dropout); only the adapters train. peft loads here, lazily."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=_LORA_TARGETS, lora_dropout=0.0)
+    return get_peft_model(model, config)
+
+
 def bake(model: torch.nn.Module, tokenizer: Tokenizer, *, traits: Mapping[str, float] = DEFAULT_TRAITS,
          questions: Sequence[str], n_samples: int = 4, length: int = 24, temperature: float = 1.0, steps: int = 50,
-         lr: float = 1e-4, batch_size: int = 4, seed: int = 0,
-         val_questions: Sequence[str] | None = None) -> BakeResult:
-    """Bake ``persona_prompt(traits)`` into ``model`` (full fine-tune in place with AdamW).
+         lr: float = 1e-4, batch_size: int = 4, seed: int = 0, val_questions: Sequence[str] | None = None,
+         method: str = "full", lora_rank: int = 8) -> BakeResult:
+    """Bake ``persona_prompt(traits)`` into ``model`` with AdamW (no weight decay).
 
     The teacher is ``copy.deepcopy(model)``, frozen. Training data: ``n_samples`` continuations
     per question, sampled once from the teacher before training. Held-out data: a separate set
@@ -234,17 +285,28 @@ def bake(model: torch.nn.Module, tokenizer: Tokenizer, *, traits: Mapping[str, f
     ACT step cap differs between train and eval).
 
     Args:
-        model: causal LM to bake, changed in place.
+        model: causal LM to bake, changed in place (both methods).
         tokenizer: has ``encode(str) -> list[int]`` and ``eos_id``.
         traits, questions, n_samples, length, temperature: the persona and the sampled data.
-        steps, lr, batch_size: AdamW steps (no weight decay), learning rate, examples per step.
-        seed: seeds torch, the sampling and the batch order (same seed -> same result).
+        steps, lr, batch_size: AdamW steps, learning rate, examples per step.
+        seed: seeds torch (the LoRA init), the sampling and the batch order (same seed -> same result).
         val_questions: optional separate held-out questions.
+        method: ``"full"`` trains every parameter; ``"lora"`` trains only LoRA adapters of rank ``lora_rank``
+            on the attention's q/k/v/o projections and merges them into the weights after training
+            (``merge_and_unload``), leaving no peft wrapper; parameters keep their ``requires_grad``.
+        lora_rank: the LoRA rank r (alpha = 2r); used by ``"lora"`` only.
     Returns:
-        BakeResult with the held-out ``baking_kl`` before and after (mean over examples).
+        BakeResult with the held-out ``baking_kl`` before and after (mean over examples) and ``model``, the
+        baked model: a plain model of the input's class (for both methods the input object itself; use
+        ``result.model`` so callers need not know whether a method wrapped it).
     Raises:
-        ValueError: no questions, steps < 0 or batch_size < 1 (and see ``persona_prompt``).
+        ValueError: an unknown method (lists the valid ones), lora_rank < 1, no questions, steps < 0 or
+            batch_size < 1 (and see ``persona_prompt``).
     """
+    if method not in BAKE_METHODS:
+        raise ValueError(f"unknown bake method {method!r}; valid methods: {', '.join(BAKE_METHODS)}")
+    if method == "lora" and lora_rank < 1:
+        raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
     if not questions or steps < 0 or batch_size < 1:
         raise ValueError(f"need questions, steps >= 0, batch_size >= 1; got {len(questions)} questions, "
                          f"steps={steps}, batch_size={batch_size}")
@@ -260,20 +322,25 @@ def bake(model: torch.nn.Module, tokenizer: Tokenizer, *, traits: Mapping[str, f
 
     train, val = data(questions, "bake-train"), data(val_questions or questions, "bake-val")
     was_training = model.training
+    grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}  # peft freezes the base weights
     model.eval()
     try:
         kl_before = _mean_kl(model, teacher, prompt_ids, val, batch_size, bos)
-        opt = adamw(model, lr, weight_decay=0.0)
-        losses = []
-        for step in range(steps):
-            batch = [train[i] for i in _batch_indices(len(train), batch_size, seed, step)]
-            loss = baking_kl(model, teacher, prompt_ids, batch, bos_id=bos)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+        if method == "lora":
+            torch.manual_seed(derived_seed(seed, "bake-lora-init"))
+            student = _with_lora(model, lora_rank)  # injects the adapters into model in place
+            try:
+                losses = _train(student, teacher, prompt_ids, train, steps, lr, batch_size, seed, bos)
+            except BaseException:
+                student.unload()  # drop the adapters unmerged: leave the model as it was
+                raise
+            model = student.merge_and_unload()  # the same module object, adapters merged and removed
+        else:
+            losses = _train(model, teacher, prompt_ids, train, steps, lr, batch_size, seed, bos)
         kl_after = _mean_kl(model, teacher, prompt_ids, val, batch_size, bos)
     finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(grad_flags.get(name, p.requires_grad))
         model.train(was_training)
     factor = kl_before / kl_after if kl_after > 0 else math.inf
-    return BakeResult(kl_before, kl_after, factor, steps, losses)
+    return BakeResult(kl_before, kl_after, factor, steps, losses, model)

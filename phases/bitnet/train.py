@@ -47,7 +47,7 @@ from phases.training import (adamw, derived_seed, fingerprint, load_causal_lm, l
                              training_context)
 from serialization.checkpoint import sha256_dir
 
-__all__ = ["DATA_TAG", "RECORD_FIELDS", "export_hf", "lr_at", "train_bitnet"]
+__all__ = ["DATA_TAG", "RECORD_FIELDS", "export_hf", "export_trained", "load_trainable", "lr_at", "train_bitnet"]
 
 LogFn = Callable[[dict, int], None]
 ProgressFn = Callable[[int, int], None]
@@ -118,6 +118,46 @@ def export_hf(model: torch.nn.Module, tokenizer: Any, out_dir: Path, info: dict[
     plain.load_state_dict(state, strict=True)
     tmp = staging_dir(out_dir)
     plain.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    publish_dir(tmp, out_dir)
+
+
+def load_trainable(model_dir: Path, vocab_size: int, phase: str) -> tuple[torch.nn.Module, Any, dict | None]:
+    """The model in ``model_dir`` ready for further training, its tokenizer and its BitNet info
+    (None for a full-precision model). A BitNet model (``config.bitnet`` lists its ternary layers,
+    as :func:`export_hf` writes) gets those layers back as ``BitLinear`` (quantization-aware
+    training), each with its phase 4 sparsity threshold, else 0.5: under it the exported
+    ``codes * scale`` quantize to the same codes and scale (up to float rounding of the scale), so
+    the loaded model computes what was written. Phases 5 and 6 train through this.
+
+    Raises:
+        ArtifactError: not an HF model dir.  PhaseError: (naming ``phase``) the vocabulary is too
+            small, or ``config.bitnet`` lists layers the model lacks.
+    """
+    model, tokenizer = load_causal_lm(model_dir, vocab_size, phase)
+    info = getattr(model.config, "bitnet", None)
+    if info:
+        layers = set(info["layers"])
+        linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+        missing = layers - set(linears)
+        if missing:
+            raise PhaseError(phase, f"{model_dir}: config.bitnet lists layers the model lacks: {sorted(missing)}")
+        thresholds = {n: (info.get("thresholds") or {}).get(n) or 0.5 for n in layers}
+        replace_linears(model, keep=[n for n in linears if n not in layers], thresholds=thresholds)
+        info = {**info, "thresholds": thresholds}
+    return model, tokenizer, info
+
+
+def export_trained(model: torch.nn.Module, tokenizer: Any, out_dir: Path, bitnet: dict | None) -> None:
+    """Write a model loaded with :func:`load_trainable` as an HF dir: a BitNet model as
+    :func:`export_hf` writes it (so phase 8 still stores it as ternary), else as it is."""
+    if bitnet is not None:
+        export_hf(model, tokenizer, out_dir, bitnet)
+        return
+    from serialization.checkpoint import publish_dir, staging_dir
+
+    tmp = staging_dir(out_dir)
+    model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     publish_dir(tmp, out_dir)
 

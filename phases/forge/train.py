@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coordinator.errors import PhaseError
+from phases.bitnet.train import export_trained, load_trainable
 from phases.data import TASK_KINDS, Corpus, TaskMix, mean_nll
 from phases.data.tasks import pack_tasks, task_accuracy
 from phases.forge.config import ForgeConfig
@@ -51,7 +52,7 @@ from phases.forge.dream import ReplayBuffer, in_dream
 from phases.forge.edge import EdgeController, task_successes
 from phases.forge.grokfast import make_filter
 from phases.forge.selfmodel import SelfModel
-from phases.training import (adamw, derived_seed, fingerprint, load_causal_lm, load_train_state, save_train_state,
+from phases.training import (adamw, derived_seed, fingerprint, load_train_state, save_train_state,
                              training_context)
 from serialization.checkpoint import sha256_dir
 
@@ -65,25 +66,6 @@ RECORD_FIELDS = ("loss", "accuracy", "gradient_norm", "self_model_loss", "stage"
 _NOT_TRAINING = {"eval_tasks", "log_every", "checkpoint_every"}
 _TEXT_ONLY = TaskMix(text=1.0, arithmetic=0.0, modular=0.0, tool=0.0)
 _MIB = 2.0 ** 20
-
-
-def _load(model_dir: Path, corpus: Corpus) -> tuple[nn.Module, Any, dict | None]:
-    """The model, its tokenizer and its BitNet info (None for a full-precision model)."""
-    from phases.bitnet.quant import replace_linears
-
-    model, tokenizer = load_causal_lm(model_dir, corpus.tokenizer.vocab_size, "forge")
-    info = getattr(model.config, "bitnet", None)
-    if info:
-        layers = set(info["layers"])
-        linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-        missing = layers - set(linears)
-        if missing:
-            raise PhaseError("forge", f"{model_dir}: config.bitnet lists layers the model lacks: {sorted(missing)}")
-        # 0.5 * mean|w| lies between 0 and every nonzero |codes * scale|: the same codes and scale
-        thresholds = {n: (info.get("thresholds") or {}).get(n) or 0.5 for n in layers}
-        replace_linears(model, keep=[n for n in linears if n not in layers], thresholds=thresholds)
-        info = {**info, "thresholds": thresholds}
-    return model, tokenizer, info
 
 
 class _Batches:
@@ -198,7 +180,7 @@ def train_forge(model_dir: Path, cfg: ForgeConfig, corpus: Corpus, *, seed: int,
     tasks = corpus.heldout_subset(cfg.eval_tasks)
     batches = _Batches(cfg, corpus, cache, seq_len, seed)
     with training_context(dev):
-        model, tokenizer, bitnet = _load(model_dir, corpus)
+        model, tokenizer, bitnet = load_trainable(model_dir, corpus.tokenizer.vocab_size, "forge")
         input_val = mean_nll(model, val_windows, batch_size=cfg.batch_size)
         input_tasks = task_accuracy(model, corpus.tokenizer, tasks)["tasks/accuracy"] if tasks else None
         model.to(dev)
@@ -308,23 +290,9 @@ def train_forge(model_dir: Path, cfg: ForgeConfig, corpus: Corpus, *, seed: int,
                     p.copy_(best[n])
         final_val = mean_nll(model, val_windows, batch_size=cfg.batch_size)
         final_tasks = task_accuracy(model, corpus.tokenizer, tasks)["tasks/accuracy"] if tasks else None
-        _export(model, tokenizer, out_dir, bitnet)
+        export_trained(model, tokenizer, out_dir, bitnet)
     return _summary(cfg, records, evals, early, edge, buffer, input_val, final_val, input_tasks, final_tasks,
                     cache, bitnet is not None, timings)
-
-
-def _export(model: nn.Module, tokenizer: Any, out_dir: Path, bitnet: dict | None) -> None:
-    if bitnet is not None:
-        from phases.bitnet.train import export_hf
-
-        export_hf(model, tokenizer, out_dir, bitnet)
-        return
-    from serialization.checkpoint import publish_dir, staging_dir
-
-    tmp = staging_dir(out_dir)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    publish_dir(tmp, out_dir)
 
 
 def _summary(cfg: ForgeConfig, records: list, evals: torch.Tensor, early: torch.Tensor, edge: EdgeController,

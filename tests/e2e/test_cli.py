@@ -185,6 +185,52 @@ def test_the_tiny_run_forges_the_ternary_model(reference_run):
         assert torch.unique(model.get_submodule(name).weight.abs()).numel() <= 2, name  # {0, scale}
 
 
+def test_the_tiny_run_bakes_tools_and_a_persona(reference_run):
+    """Phase 6 on the README run: the nine-agent team bakes the tools and the persona into
+    Forge's model, measured before and after on held-out questions; the package for phase 7
+    carries the tool registry and the persona; the baked model is still exactly ternary where
+    phase 4 made it so (phase 8 stores it as such); the metrics reached W&B."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _ = reference_run
+    result = json.loads((run_dir / "06_baking" / "result.json").read_text())
+    assert result["success"], result["error"]
+    m = result["metrics"]
+    # the tiny model learns to call the tools (which one, when) but not yet to copy the operands
+    # into them (README, "Tool and persona baking"): the choice is what its short bake moves
+    assert m["baking/after/tool_choice_accuracy"] > m["baking/before/tool_choice_accuracy"]
+    assert 0.0 <= m["baking/after/tool_call_accuracy"] <= 1.0
+    assert m["baking/persona/kl_reduction"] > 1.0 and m["baking/gate_passed"] is True
+    assert m["baking/tool_data/kept"] >= 1 and m["baking/tool_data/errors"] >= 1
+    assert any(k.startswith("baking/health/") for k in m)
+    package = run_dir / result["model"]["path"]
+    assert {"tools.json", "knowledge.json", "persona.json", "tokenizer.json"} <= {p.name for p in package.iterdir()}
+    assert set(json.loads((package / "tools.json").read_text())["tools"]) == {"calculator", "lookup"}
+    assert json.loads((package / "persona.json").read_text())["traits"] == {"helpfulness": 0.9, "creativity": 0.7,
+                                                                            "precision": 0.8}
+    phase = run_dir / "06_baking"
+    health = json.loads((phase / "work" / "teams" / "baking" / "health" / "report.json").read_text())
+    assert len(health["agents"]) == 9 and all(a["calls"] >= 1 for a in health["agents"].values())
+    timings = json.loads((phase / "timings.json").read_text())
+    assert set(timings["profile"]) == {"input", "baked", "optimised"}
+    for name in ("fuse_qkv", "fold_norms", "all"):  # each rewrite: parity checked, applied only when it helps
+        g = timings["graph"][name]
+        assert g["reason"] and g["applied"] == (g["parity"] and g["speedup"] >= 1.05), name
+    assert m["baking/memory/activation_reduction"] > 1.0  # checkpointing saves activations (measured)
+    deployment = json.loads((phase / "deployment.json").read_text())
+    assert deployment["graph_rewrites"] == timings["graph"]["chosen"] and deployment["threads"] >= 1
+    model = AutoModelForCausalLM.from_pretrained(package)
+    for name in model.config.bitnet["layers"]:
+        assert torch.unique(model.get_submodule(name).weight.abs()).numel() <= 2, name  # {0, scale}
+    compress = json.loads((run_dir / "08_compress" / "result.json").read_text())
+    assert compress["metrics"]["compression/input_fp32_bytes"] > 0
+    report = (run_dir / "report.html").read_text()
+    assert "<h3>before_after</h3>" in report and "<h3>optimisations</h3>" in report and "tool-call accuracy" in report
+    logs = [p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")]
+    assert any(b"baking/after/tool_call_accuracy" in b and b"baking/health/" in b for b in logs)
+
+
 def test_status_json_reads_the_run(reference_run):
     run_dir, _ = reference_run
     proc = _agentforge("status", str(run_dir), "--json", cwd=run_dir.parent)
@@ -204,7 +250,8 @@ def test_sigkill_mid_search_then_resume_gives_identical_hashes(reference_run, tm
     run_dir, _ = reference_run
     killed = tmp_path / "killed"
     shutil.copytree(run_dir, killed, ignore=shutil.ignore_patterns("02_evomerge", "03_quietstar", "04_bitnet",
-                                                          "05_forge", "08_compress", "wandb", "report.html"))
+                                                          "05_forge", "06_baking", "08_compress", "wandb",
+                                                          "report.html"))
     state = killed / "02_evomerge" / "work" / "evolution.json"
     proc = subprocess.Popen([*agentforge_cmd(), "resume", str(killed), "--wandb", "disabled"],
                             cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -225,7 +272,7 @@ def test_sigkill_mid_search_then_resume_gives_identical_hashes(reference_run, tm
     assert "evomerge: resuming after generation" in resumed.stderr
     assert not (killed / "03_quietstar" / "result.json").exists(), "--until evomerge stops after phase 2"
     reference = {k: v for k, v in _model_hashes(run_dir).items()
-                 if not k.startswith(("03_quietstar", "04_bitnet", "05_forge", "08_compress"))}
+                 if not k.startswith(("03_quietstar", "04_bitnet", "05_forge", "06_baking", "08_compress"))}
     assert _model_hashes(killed) == reference, "resumed run must equal the uninterrupted one bit for bit"
 
 
@@ -250,18 +297,19 @@ def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, monke
 
 
 def test_unbuilt_phase_fails_with_a_clear_reason(tmp_path, capsys, monkeypatch):
-    code, err = _main_in_process(["run", "--phases", "baking"], tmp_path, capsys, monkeypatch)
+    code, err = _main_in_process(["run", "--phases", "adas"], tmp_path, capsys, monkeypatch)
     assert code == 1
     last = err.strip().splitlines()[-1]
-    assert "baking" in last and "not built yet" in last and "issue #9" in last
+    assert "adas" in last and "not built yet" in last and "issue #10" in last
 
 
 def test_resume_until_a_phase_not_in_the_run_names_the_runs_phases(reference_run, capsys, monkeypatch):
     run_dir, _ = reference_run
     before = _model_hashes(run_dir)
-    code, err = _main_in_process(["resume", str(run_dir), "--until", "baking"], run_dir.parent, capsys, monkeypatch)
+    code, err = _main_in_process(["resume", str(run_dir), "--until", "adas"], run_dir.parent, capsys, monkeypatch)
     assert code == 2
-    assert "--until 'baking'" in err and "1 cognate, 2 evomerge, 3 quietstar, 4 bitnet, 5 forge, 8 compress" in err
+    assert "--until 'adas'" in err
+    assert "1 cognate, 2 evomerge, 3 quietstar, 4 bitnet, 5 forge, 6 baking, 8 compress" in err
     assert _model_hashes(run_dir) == before
 
 

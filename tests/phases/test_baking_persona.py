@@ -1,6 +1,6 @@
 """Prompt Baking of a persona (phases/baking/persona.py): the prompt text, the masked KL against
 torch's kl_div, the baking loss's zero/non-zero cases, deterministic sampling, and a tiny bake
-that lowers the held-out KL and repeats exactly under the same seed."""
+that lowers the held-out KL and repeats exactly under the same seed, with a full fine-tune and with LoRA."""
 
 from __future__ import annotations
 
@@ -92,9 +92,58 @@ def test_bake_lowers_held_out_kl_and_is_reproducible():
               "batch_size": 3, "seed": 0}
     m1, m2 = tiny_cognate(0), tiny_cognate(0)
     r1, r2 = bake(m1, tok, **kw), bake(m2, tok, **kw)
+    assert r1.model is m1 and r2.model is m2  # the full fine-tune bakes in place
     print(f"kl_before={r1.kl_before:.6g} kl_after={r1.kl_after:.6g} factor={r1.reduction_factor:.3g}")
     assert r1.kl_after < r1.kl_before and r1.reduction_factor > 1.0
     assert r1.steps == 30 and len(r1.losses) == 30
     assert (r1.kl_before, r1.kl_after, r1.losses) == (r2.kl_before, r2.kl_after, r2.losses)
     assert torch.equal(m1.lm_head.weight, m2.lm_head.weight)
     assert not torch.equal(m1.lm_head.weight, tiny_cognate(0).lm_head.weight)
+
+
+def test_bake_with_lora_lowers_held_out_kl_returns_a_plain_model_and_is_reproducible():
+    torch.set_num_threads(1)
+    tok = byte_tokenizer()
+    kw = {"traits": SHORT_TRAITS, "questions": QUESTIONS, "n_samples": 2, "length": 12, "steps": 30, "lr": 1e-2,
+          "batch_size": 3, "seed": 0, "method": "lora", "lora_rank": 4}
+    m1, m2, ref = tiny_cognate(0), tiny_cognate(0), tiny_cognate(0)
+    r1, r2 = bake(m1, tok, **kw), bake(m2, tok, **kw)
+    b1, b2 = r1.model, r2.model
+    assert b1 is m1  # peft injected the adapters into m1 and merged them there
+    print(f"lora kl_before={r1.kl_before:.6g} kl_after={r1.kl_after:.6g} factor={r1.reduction_factor:.3g}")
+    assert r1.kl_after < r1.kl_before and len(r1.losses) == 30
+    assert (r1.kl_before, r1.kl_after, r1.losses) == (r2.kl_before, r2.kl_after, r2.losses)
+    assert type(b1) is type(ref) and not any(type(m).__module__.startswith("peft") for m in b1.modules())
+    assert [n for n, _ in b1.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert all(p.requires_grad for p in b1.parameters()) and not b1.training
+    changed = {n for (n, p), q in zip(b1.named_parameters(), ref.parameters()) if not torch.equal(p, q)}
+    assert changed and all(n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
+                           and ".attn." in n for n in changed)  # only the adapted matrices moved (merged)
+    assert all(torch.equal(p, q) for p, q in zip(b1.parameters(), b2.parameters()))
+    # Zero steps: LoRA's B starts at zero, so merging changes nothing and the KL stays put.
+    r0 = bake(tiny_cognate(0), tok, **{**kw, "steps": 0})
+    b0 = r0.model
+    assert r0.kl_after == pytest.approx(r0.kl_before, rel=1e-5)
+    assert all(torch.allclose(p, q, atol=1e-7) for p, q in zip(b0.parameters(), ref.parameters()))
+
+
+def test_bake_rejects_an_unknown_method():
+    with pytest.raises(ValueError, match="unknown bake method 'qlora'; valid methods: full, lora"):
+        bake(tiny_cognate(0), byte_tokenizer(), questions=QUESTIONS, method="qlora")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_bake_trains_a_bitnet_model_through_its_straight_through_path(method):
+    """BitLinear's eval forward (the packed arithmetic) has no gradient: bake runs those layers in train mode."""
+    from phases.bitnet.quant import BitLinear, replace_linears
+
+    torch.set_num_threads(1)
+    model = tiny_cognate(0, sub_norm=True)
+    replace_linears(model)
+    n_bit = sum(isinstance(m, BitLinear) for m in model.modules())
+    r = bake(model, byte_tokenizer(), traits=SHORT_TRAITS, questions=QUESTIONS[:2], n_samples=2, length=8, steps=8,
+             lr=1e-2, batch_size=2, method=method, lora_rank=4)
+    print(f"{method}: kl_before={r.kl_before:.6g} kl_after={r.kl_after:.6g}")
+    assert r.kl_after < r.kl_before
+    layers = [m for m in r.model.modules() if isinstance(m, BitLinear)]
+    assert n_bit > 0 and len(layers) == n_bit and not any(m.training for m in layers)

@@ -265,8 +265,7 @@ def test_a_bitnet_model_trains_quantization_aware_and_stays_ternary(corpus, tmp_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from phases.bitnet.quant import BitLinear, replace_linears, ternary_codes
-    from phases.bitnet.train import export_hf
-    from phases.forge.train import _load
+    from phases.bitnet.train import export_hf, load_trainable
 
     src = tiny_model_dir(corpus, tmp_path / "fp")
     model = AutoModelForCausalLM.from_pretrained(src)
@@ -274,7 +273,7 @@ def test_a_bitnet_model_trains_quantization_aware_and_stays_ternary(corpus, tmp_
     names = replace_linears(model, thresholds={"model.layers.0.mlp.up_proj": 0.7})
     export_hf(model, tokenizer, tmp_path / "bitnet",
               {"layers": names, "thresholds": {"model.layers.0.mlp.up_proj": 0.7}})
-    loaded, _, info = _load(tmp_path / "bitnet", corpus)
+    loaded, _, info = load_trainable(tmp_path / "bitnet", corpus.tokenizer.vocab_size, "forge")
     assert sum(isinstance(m, BitLinear) for m in loaded.modules()) == len(names)
     for name in names:  # the same codes; the same scale up to float rounding (absmean's 1 / (1 / gamma))
         a, b = model.get_submodule(name), loaded.get_submodule(name)

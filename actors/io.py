@@ -1,6 +1,6 @@
-"""What the compression agents share: loading and saving models, the evaluation corpus, and the
-candidates' state dicts. Every file a task writes goes to a path named by the task (written
-atomically), so a task replayed after a crash rewrites the same bytes.
+"""What the agent teams (baking, compression) share: loading and saving models and the evaluation
+corpus. Every file a task writes goes to a path named by the task (written atomically), so a task
+replayed after a crash rewrites the same bytes.
 
 Roles run one task at a time with one torch thread (``torch.set_num_threads(1)``): results are
 then independent of the machine's core count, and nine agents do not oversubscribe a node.
