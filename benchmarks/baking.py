@@ -53,7 +53,7 @@ def _run(cfg, root: Path, phases: list[str], model: Path | None = None):
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    return str(v)
+    return str(v).replace("|", "/")  # a table cell
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,14 +93,15 @@ def main(argv: list[str] | None = None) -> int:
           f"torch threads per agent 1): {seconds:.1f} s\n")
     print("| measure | before | after |\n|---|---|---|")
     for row in tables["before_after"]:
-        print(f"| {row['measure']} | {_fmt(row['before'])} | {_fmt(row['after'])} |")
+        print(f"| {_fmt(row['measure'])} | {_fmt(row['before'])} | {_fmt(row['after'])} |")
     m = result.metrics
     print(f"\npersona KL reduction: {m['baking/persona/kl_reduction']:.2f}x; tool calls kept by Toolformer's filter: "
           f"{m['baking/tool_data/kept']} of {m['baking/tool_data/candidates']} candidates\n")
     print("| optimisation | measured effect | applied | why |\n|---|---|---|---|")
     for row in tables["optimisations"]:
-        print(f"| {row['optimisation']} | {_fmt(row['effect'])} | {row['applied']} | {row.get('reason', '')} |")
-    print(f"\nprofiled forward latency vs the input: baked {m['baking/profile/baked/latency_ratio']:.3f}x, "
+        cells = (row["optimisation"], row["effect"], row["applied"], row.get("reason", ""))
+        print("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    print(f"\nforward latency vs the input (timed interleaved): baked {m['baking/profile/baked/latency_ratio']:.3f}x, "
           f"with the applied optimisations {m['baking/profile/optimised/latency_ratio']:.3f}x")
     return 0
 

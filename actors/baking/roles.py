@@ -381,13 +381,15 @@ class QualityValidator(_BakingRole):
 class PerformanceProfiler(_BakingRole):
     """``profile``: the input model, the baked model as stored and the baked model with what the
     optimisers applied (the graph rewrites, the hardware adapter's dtype and threads), on the same
-    input, one after another in this process (the graph runs it when no other agent computes):
-    latency p50/p95, throughput, peak memory of a forward, and the ratios vs the input."""
+    input, in this process (the graph runs it when no other agent computes): each one's latency
+    p50/p95, throughput and peak memory of a forward (``profile_model``), and the latency ratios
+    vs the input from forwards timed interleaved (``paired_latency_ms``: models timed one after
+    the other differ by warm-up and drift as much as by what changed)."""
 
     def handle(self, task: str, payload: Any, inputs: dict[str, Any]) -> Any:
         import torch
 
-        from phases.baking.graph import apply_rewrites
+        from phases.baking.graph import apply_rewrites, p50, paired_latency_ms
         from phases.baking.hardware import apply_target
         from phases.compression.profile import compare, profile_model
 
@@ -395,19 +397,26 @@ class PerformanceProfiler(_BakingRole):
         repeats = int(payload["cfg"]["profile_repeats"])
         ids = _profile_ids(payload)
         baked_dir = inputs["persona-bake"]["model"]
-        profiles = {"input": profile_model(load_hf(payload["input"]), ids, repeats=repeats),
-                    "baked": profile_model(load_hf(baked_dir), ids, repeats=repeats)}
+        models = {"input": load_hf(payload["input"]), "baked": load_hf(baked_dir)}
         optimised = load_hf(baked_dir)
         apply_rewrites(optimised, inputs["graph"]["chosen"])
         target = inputs["target"]
         threads = torch.get_num_threads()
-        try:
-            optimised = apply_target(optimised, target)
-            profiles["optimised"] = profile_model(optimised, ids.to(target["device"]), repeats=repeats)
+        try:  # the target's threads hold for all three (one process), so the ratios compare models
+            models["optimised"] = apply_target(optimised, target)
+            device_ids = {n: ids.to(next(m.parameters()).device) for n, m in models.items()}
+            profiles = {n: profile_model(m, device_ids[n], repeats=repeats) for n, m in models.items()}
+            with torch.no_grad():
+                times = paired_latency_ms({n: (lambda m=m, x=device_ids[n]: m(input_ids=x)) for n, m in models.items()},
+                                          repeats=repeats)
         finally:
             torch.set_num_threads(threads)
         ratios = compare(profiles, "input")
-        return {name: {**p.to_json(), **ratios.get(name, {})} for name, p in profiles.items()}
+        out = {name: {**p.to_json(), **ratios.get(name, {})} for name, p in profiles.items()}
+        for name in out:
+            out[name]["paired_latency_ms_p50"] = p50(times[name])
+            out[name]["latency_ratio"] = p50(times[name]) / p50(times["input"])
+        return out
 
 
 # ------------------------------------------------------------------------------- graph, accelerator

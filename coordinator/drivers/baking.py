@@ -40,7 +40,7 @@ def _tables(out: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
                               ("tool choice accuracy", "tool_choice_accuracy"),
                               ("tool calls per prompt", "calls_per_prompt"))]
     rows.append({"measure": "held-out perplexity", "before": before["perplexity"], "after": after["perplexity"]})
-    rows.append({"measure": "persona KL (prompted || unprompted)", "before": persona["kl_before"],
+    rows.append({"measure": "persona KL(prompted, unprompted)", "before": persona["kl_before"],
                  "after": persona["kl_after"]})
     for trait, v in after["traits"].items():
         rows.append({"measure": f"trait score: {trait} (prompted {before['traits_prompted'][trait]:.3f})",
@@ -59,17 +59,20 @@ def _tables(out: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     opt.append({"optimisation": "weight tying",
                 "effect": f"held-out loss {rise:+.2%}, {tying['bytes_saved']} bytes saved" if rise is not None
                 else "none", "applied": tying["applied"], "reason": tying["reason"]})
-    opt.append({"optimisation": f"storage dtype {memory['dtype']['chosen']}", "effect": memory["dtype"]["reason"],
+    opt.append({"optimisation": f"storage dtype {memory['dtype']['chosen']} (deployment.json; the package keeps "
+                                f"float32 for phase 8)", "effect": memory["dtype"]["reason"],
                 "applied": memory["dtype"]["applied"], "reason": memory["dtype"]["reason"]})
     for name in _REWRITES:
         if name in graph:
             g = graph[name]
             opt.append({"optimisation": f"graph: {name}",
-                        "effect": f"{g['speedup']:.3f}x, max |diff| {g['max_abs_diff']:.2g}",
-                        "applied": set(g["rewrites"]) <= set(graph["chosen"]), "reason": g["reason"]})
+                        "effect": f"{g['speedup']:.3f}x, max abs logit diff {g['max_abs_diff']:.2g}",
+                        "applied": g["rewrites"] == graph["chosen"], "reason": g["reason"]})
     for name, key in (("batched generation", "batching"), ("KV cache", "kv_cache"), ("torch.compile", "compile")):
         e = acc[key]
         effect = f"{e['speedup']:.3f}x" if "speedup" in e else "not measured"
+        if e.get("compile_s") is not None:
+            effect += f" after {e['compile_s']:.1f} s of compiling"
         opt.append({"optimisation": name, "effect": effect, "applied": e["applied"], "reason": e["reason"]})
     return {"before_after": rows, "optimisations": opt}
 

@@ -70,8 +70,9 @@ class BakingConfig(FrozenConfig):
 
     # -- inference and memory optimisers ------------------------------------------------------------
     # An optimisation is applied only when it keeps the outputs (parity) and is at least this much
-    # faster, measured on the machine the team runs on; else it is reported and not applied.
-    min_speedup: float = Field(1.05, gt=0)
+    # faster, measured on the machine the team runs on; else it is reported and not applied. On a
+    # shared 2-core machine a tiny model's forward timings vary by about 10% from run to run.
+    min_speedup: float = Field(1.10, gt=0)
     compile: bool = True  # measure torch.compile (its compile time is reported separately)
     # Activation checkpointing is applied to the fine-tunes when one training step's activations
     # exceed this budget (MiB); below it, it only costs time.

@@ -51,7 +51,8 @@ _LEVELS = ((0.85, "very high"), (0.65, "high"), (0.4, "moderate"))
 
 
 def persona_prompt(traits: Mapping[str, float]) -> str:
-    """The persona as a short system prompt, one sentence per trait in the mapping's order.
+    """The persona as a short system prompt, one sentence per trait, traits in name order (a
+    mapping's order does not survive every config round trip, and the prompt must not depend on it).
 
     A value v maps to a word: v >= 0.85 "very high", v >= 0.65 "high", v >= 0.4 "moderate",
     else "low"; the value itself follows in parentheses (rounded to 2 decimals). E.g.
@@ -65,7 +66,7 @@ def persona_prompt(traits: Mapping[str, float]) -> str:
         ValueError: a value that is not a number in [0, 1] (names the trait).
     """
     parts = ["You are an assistant."]
-    for name, value in traits.items():
+    for name, value in sorted(traits.items()):
         try:
             v = float(value)
         except (TypeError, ValueError):

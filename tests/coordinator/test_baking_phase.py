@@ -1,7 +1,7 @@
 """Phase 6 on a real local Ray: the nine-agent baking team turns a small trained model into the
 handoff package (baked model, tokenizer, tool registry, persona) with every role's effect
 measured; agent kills do not change the hashes; a failed quality gate fails the phase naming
-why. Slow (each test runs the phase, about 70 s on 2 cores): the default run bakes on the
+why. The tests that run the phase are slow (about 70 s on 2 cores); the default run bakes on the
 README's tiny run instead (tests/e2e/test_cli.py checks the package, the nine agents, the
 measurements and the W&B metrics there), and tests the parts in tests/phases/test_baking_*.py
 and tests/actors/test_baking_graph.py."""
@@ -23,7 +23,7 @@ from phases.cognate.modeling import CognateForCausalLM
 from phases.cognate.train import build_model_config, save_model_dir
 from phases.data import DataConfig, load_corpus
 
-pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
+pytestmark = pytest.mark.usefixtures("ray_local")
 
 CFG = CognateConfig(target_params=None, vocab_size=None, d_model=32, n_layers=2, n_heads=2, d_ff=64,
                     memory_slots=16, memory_chunk=8, max_seq_len=128, batch_size=8)
@@ -77,6 +77,7 @@ def _hashes(result):
     return {**{m.path: m.sha256 for m in result.models}, **{k: a.sha256 for k, a in result.artifacts.items()}}
 
 
+@pytest.mark.slow
 def test_the_phase_returns_the_handoff_package(clean_run):
     from phases.baking.tools import KNOWLEDGE_PATH
 
@@ -98,6 +99,7 @@ def test_the_phase_returns_the_handoff_package(clean_run):
     assert deployment["model"].endswith("models/baked") and deployment["threads"] >= 1
 
 
+@pytest.mark.slow
 def test_every_role_measured_its_effect(clean_run):
     run, results = clean_run
     m = results[-1].metrics
@@ -122,11 +124,13 @@ def test_every_role_measured_its_effect(clean_run):
     assert set(timings["profile"]) == {"input", "baked", "optimised"}
     for name in ("fuse_qkv", "fold_norms", "all"):  # each rewrite: parity checked, a reason either way
         g = timings["graph"][name]
-        assert g["max_abs_diff"] >= 0 and g["reason"] and g["applied"] == (g["parity"] and g["speedup"] >= 1.05), name
+        assert g["max_abs_diff"] >= 0 and g["reason"], name
+        assert g["applied"] == (g["parity"] and g["speedup"] >= 1.10), name
     tables = json.loads((run.phase_dir(6, "baking") / "tables.json").read_text())
     assert {"before_after", "optimisations"} <= set(tables)
 
 
+@pytest.mark.slow
 def test_agent_kills_do_not_change_the_output_hashes(clean_run, tmp_path):
     """The runtime's chaos settings kill baking agents mid-phase: the model and the report equal
     the fault-free run's. Default-run siblings: tests/chaos/ (random agent kills never change a
@@ -140,9 +144,20 @@ def test_agent_kills_do_not_change_the_output_hashes(clean_run, tmp_path):
     assert _hashes(result) == _hashes(clean[-1]), "outputs equal the fault-free run's"
 
 
+@pytest.mark.slow
 def test_a_failed_quality_gate_fails_the_phase_naming_why(trained_phase, tmp_path):
     with pytest.raises(pipeline.PipelineFailed) as err:
         _run(tmp_path, baking={"min_tool_gain": 1.01})
     assert err.value.phase == "baking" and "quality gate" in err.value.reason
     assert "baking.min_tool_gain" in err.value.reason
+    assert not (tmp_path / "run" / "06_baking" / "models" / "baked").exists()
+
+
+def test_a_cluster_too_small_for_the_team_is_refused_naming_agent_cpus(trained_phase, tmp_path):
+    """Nine agents reserving 1 CPU each on the tests' 2-CPU Ray: the phase fails before any agent
+    starts, naming the setting to lower, and writes no package."""
+    with pytest.raises(pipeline.PipelineFailed) as err:
+        _run(tmp_path, baking={"agent_cpus": 1.0})
+    assert err.value.phase == "baking"
+    assert "baking.agent_cpus" in err.value.reason and "9 agents reserve 9 CPUs" in err.value.reason
     assert not (tmp_path / "run" / "06_baking" / "models" / "baked").exists()

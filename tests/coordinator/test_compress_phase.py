@@ -1,7 +1,9 @@
 """Phase 8 on a real local Ray: the nine-agent compression team turns a small trained model into
 a package that loads through its compressed form; SeedLM over its budget falls back to int8;
 agent kills do not change the hashes. (The hybrid strategy with every codec, the Pareto plot
-and the ONNX export are checked on the README's tiny run, tests/e2e/test_cli.py.)"""
+and the ONNX export are checked on the README's tiny run, tests/e2e/test_cli.py.) The tests that
+run the phase are slow (about 50 s on 2 cores); the default run compresses the README's tiny run
+(tests/e2e/test_cli.py) and tests the fallback payload in tests/chaos/test_team.py."""
 
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ def _hashes(result):
     return {**{m.path: m.sha256 for m in result.models}, **{k: a.sha256 for k, a in result.artifacts.items()}}
 
 
+@pytest.mark.slow
 def test_the_phase_returns_a_compressed_package_that_loads(clean_run):
     from phases.compression.package import load_model
 
@@ -103,6 +106,7 @@ def test_the_phase_returns_a_compressed_package_that_loads(clean_run):
     assert profile["compressed"]["bytes_on_disk"] < profile["input"]["bytes_on_disk"]
 
 
+@pytest.mark.slow
 def test_seedlm_over_its_budget_falls_back_to_int8(clean_run):
     result = clean_run[1][-1]
     assert result.metrics["compression/seedlm/fell_back_to"] == "int8"

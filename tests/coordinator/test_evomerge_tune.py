@@ -68,6 +68,7 @@ def slow_trainable(config: dict) -> None:
     tune.report({"fitness": synthetic_fitness(genome)})
 
 
+@pytest.mark.slow  # about 18 s; the default run checks generational breeding on Tune (below)
 def test_continuous_breeding_on_tune_equals_the_sequential_steady_state(tmp_path):
     from phases.evomerge.steady import SteadyState
 

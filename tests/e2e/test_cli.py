@@ -216,7 +216,7 @@ def test_the_tiny_run_bakes_tools_and_a_persona(reference_run):
     assert set(timings["profile"]) == {"input", "baked", "optimised"}
     for name in ("fuse_qkv", "fold_norms", "all"):  # each rewrite: parity checked, applied only when it helps
         g = timings["graph"][name]
-        assert g["reason"] and g["applied"] == (g["parity"] and g["speedup"] >= 1.05), name
+        assert g["reason"] and g["applied"] == (g["parity"] and g["speedup"] >= 1.10), name
     assert m["baking/memory/activation_reduction"] > 1.0  # checkpointing saves activations (measured)
     deployment = json.loads((phase / "deployment.json").read_text())
     assert deployment["graph_rewrites"] == timings["graph"]["chosen"] and deployment["threads"] >= 1
@@ -240,13 +240,17 @@ def test_status_json_reads_the_run(reference_run):
     assert status["phases"][0]["metrics"]["model/total_params"] > 0
 
 
+@pytest.mark.slow
 def test_sigkill_mid_search_then_resume_gives_identical_hashes(reference_run, tmp_path):
     """SIGKILL the driver (and its embedded Ray) in the middle of EvoMerge's search, resume: the
     search continues from its last completed generation, and every model and artifact of the
     run equals the uninterrupted run's bit for bit. Phase 1 is taken from the reference run
     (its own mid-phase resume is tested in tests/phases/test_cognate_train.py); the resume stops
     after phase 2 (``--until evomerge``; phase 8's determinism under agent kills is tested in
-    tests/coordinator/test_compress_phase.py)."""
+    tests/coordinator/test_compress_phase.py). Slow (about 100 s on 2 cores: the resumed search);
+    default-run siblings: the search's resume from its checkpoint through the pipeline runner
+    (tests/coordinator/test_evomerge_phase.py) and every training phase's bit-identical resume
+    (tests/phases/test_*_train.py)."""
     run_dir, _ = reference_run
     killed = tmp_path / "killed"
     shutil.copytree(run_dir, killed, ignore=shutil.ignore_patterns("02_evomerge", "03_quietstar", "04_bitnet",
@@ -340,10 +344,10 @@ def test_phase_command_runs_one_phase(reference_run, tmp_path):
 def test_phase_command_refuses_unbuilt_phases(reference_run, tmp_path, capsys, monkeypatch):
     run_dir, _ = reference_run
     model = json.loads((run_dir / "02_evomerge" / "result.json").read_text())["model"]["path"]
-    code, err = _main_in_process(["phase", "baking", "--models", str(run_dir / model), "--out", "three"],
+    code, err = _main_in_process(["phase", "adas", "--models", str(run_dir / model), "--out", "three"],
                                  tmp_path, capsys, monkeypatch)
-    assert code == 1 and "baking" in err and "not built yet" in err
-    assert not (tmp_path / "three" / "06_baking").exists()
+    assert code == 1 and "adas" in err and "not built yet" in err
+    assert not (tmp_path / "three" / "07_adas").exists()
 
 
 def test_loaded_model_generates(reference_run):

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from tests.conftest import agentforge_cmd, cli_env
 
 
+@pytest.mark.slow
 def test_drill_passes_and_reports(tmp_path):
-    # a 3 x 4 graph (the default is 4 x 5): the CLI path, faults and report; the drill at full
-    # size runs in tests/chaos/test_drill.py
+    # a 3 x 4 graph (the default is 4 x 5): the CLI path, faults and report; slow (about 30 s on 2
+    # cores); the drill itself runs in the default run in tests/chaos/test_drill.py
     proc = subprocess.run([*agentforge_cmd(), "drill", "--chaos", "kill_rate=0.25,raise_rate=0.1,seed=3",
                            "--layers", "3", "--width", "4", "--out", "drill", "--json"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
                           timeout=600)

@@ -26,10 +26,10 @@ SHORT_TRAITS = {"precision": 0.9}
 
 
 def test_persona_prompt_golden_and_validation():
-    assert persona_prompt(DEFAULT_TRAITS) == ("You are an assistant. Helpfulness: very high (0.9). "
-                                              "Creativity: high (0.7). Precision: high (0.8).\n")
-    assert persona_prompt({"tone_warmth": 0.4, "risk": 0.1}) == \
-        "You are an assistant. Tone warmth: moderate (0.4). Risk: low (0.1).\n"
+    assert persona_prompt(DEFAULT_TRAITS) == ("You are an assistant. Creativity: high (0.7). "
+                                              "Helpfulness: very high (0.9). Precision: high (0.8).\n")
+    assert persona_prompt({"tone_warmth": 0.4, "risk": 0.1}) == persona_prompt({"risk": 0.1, "tone_warmth": 0.4}) \
+        == "You are an assistant. Risk: low (0.1). Tone warmth: moderate (0.4).\n"  # name order, not the mapping's
     with pytest.raises(ValueError, match="creativity"):
         persona_prompt({"helpfulness": 0.9, "creativity": 1.5})
     with pytest.raises(ValueError, match="precision"):
