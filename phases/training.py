@@ -24,7 +24,7 @@ from coordinator.errors import ArtifactError, PhaseError
 from serialization.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
 
 __all__ = ["training_context", "adamw", "load_causal_lm", "save_train_state", "load_train_state", "fingerprint",
-           "derived_seed"]
+           "derived_seed", "epoch_order"]
 
 
 @contextlib.contextmanager
@@ -84,6 +84,21 @@ def derived_seed(seed: int, tag: str | int) -> int:
     """A 32-bit seed for one stream (data, sampling, ...) of the run ``seed``, named by ``tag``."""
     code = tag if isinstance(tag, int) else int.from_bytes(hashlib.sha256(tag.encode()).digest()[:4], "big")
     return int(np.random.SeedSequence([int(seed), code]).generate_state(1)[0])
+
+
+def epoch_order(n: int, batch_size: int, seed: int, step: int, tag: str) -> list[int]:
+    """Indices (into ``n`` examples) of step ``step``'s batch of ``batch_size``: a stream of per-epoch
+    permutations seeded by ``derived_seed(seed, f"{tag}-{epoch}")``, a pure function of its
+    arguments (a resumed or replayed step gets the same batch)."""
+    perms: dict[int, list[int]] = {}
+    out = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, n)
+        if epoch not in perms:
+            gen = torch.Generator().manual_seed(derived_seed(seed, f"{tag}-{epoch}"))
+            perms[epoch] = torch.randperm(n, generator=gen).tolist()
+        out.append(perms[epoch][pos])
+    return out
 
 
 def save_train_state(work_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,

@@ -42,6 +42,18 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module: tiny models run fastest so, and other work shares
+    the cores. Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for running the `agentforge` CLI in a subprocess from the repo root."""
     env = dict(os.environ)

@@ -26,8 +26,8 @@ from __future__ import annotations
 from typing import Any
 
 from actors.base import AgentSpec, TeamSpec
+from actors.policies import FALLBACK_POLICY, TASK_POLICY
 from coordinator.dag import TaskSpec
-from coordinator.recovery import FailureKind, RecoveryPolicy, Strategy
 from phases.baking.config import BakingConfig
 
 __all__ = ["AGENTS", "OPTIONAL_POLICY", "TASK_POLICY", "baking_graph", "baking_team"]
@@ -35,11 +35,7 @@ __all__ = ["AGENTS", "OPTIONAL_POLICY", "TASK_POLICY", "baking_graph", "baking_t
 AGENTS = ("baking-coordinator", "hardware-adapter", "memory-optimizer", "model-optimizer", "quality-validator",
           "baking-profiler", "graph-optimizer", "inference-accelerator", "deployment-preparer")
 
-_LOST = (FailureKind.actor_died, FailureKind.actor_unavailable, FailureKind.timeout, FailureKind.node_died)
-TASK_POLICY = RecoveryPolicy(strategies=(Strategy.retry, Strategy.restart), retry_on=_LOST, retry_attempts=6,
-                             retry_backoff_s=0.1, retry_max_backoff_s=2.0, retry_total_s=600.0, restart_intensity=10)
-OPTIONAL_POLICY = TASK_POLICY.model_copy(update={"strategies": (Strategy.retry, Strategy.restart, Strategy.fallback,
-                                                                 Strategy.escalate)})
+OPTIONAL_POLICY = FALLBACK_POLICY
 
 # (task, role, inputs); the order is the order the graph lists them in (not the run order).
 _TASKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (

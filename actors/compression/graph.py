@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from actors.base import AgentSpec, TeamSpec
+from actors.policies import FALLBACK_POLICY, TASK_POLICY
 from coordinator.dag import TaskSpec
-from coordinator.recovery import FailureKind, RecoveryPolicy, Strategy
 from phases.compression.config import CompressConfig
 from phases.compression.pruning import progressive_schedule
 
@@ -30,11 +30,7 @@ __all__ = ["AGENTS", "SEEDLM_POLICY", "TASK_POLICY", "compression_graph", "compr
 AGENTS = ("model-analyzer", "compression-orchestrator", "pruning-agent", "knowledge-distiller", "quantization-agent",
           "architecture-optimizer", "compression-validator", "deployment-packager", "performance-profiler")
 
-_LOST = (FailureKind.actor_died, FailureKind.actor_unavailable, FailureKind.timeout, FailureKind.node_died)
-TASK_POLICY = RecoveryPolicy(strategies=(Strategy.retry, Strategy.restart), retry_on=_LOST, retry_attempts=6,
-                             retry_backoff_s=0.1, retry_max_backoff_s=2.0, retry_total_s=600.0, restart_intensity=10)
-SEEDLM_POLICY = TASK_POLICY.model_copy(update={"strategies": (Strategy.retry, Strategy.restart, Strategy.fallback,
-                                                               Strategy.escalate)})
+SEEDLM_POLICY = FALLBACK_POLICY
 
 
 def compression_graph(cfg: CompressConfig, common: dict[str, Any]) -> tuple[TaskSpec, ...]:

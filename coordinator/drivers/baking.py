@@ -139,7 +139,7 @@ def _metrics(out: dict[str, Any]) -> dict[str, Any]:
 @register_phase("baking", number=6, title="Tool and persona baking", consumes="model")
 def run_baking(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
     from actors.baking.graph import baking_team
-    from coordinator.drivers.teams import run_team
+    from coordinator.drivers.teams import check_fits, run_team
 
     (model_dir,) = inputs.models
     cfg = ctx.config.baking
@@ -148,13 +148,7 @@ def run_baking(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
               "phase_dir": str(ctx.phase_dir), "seed": ctx.seed, "data": ctx.config.data.model_dump(mode="json"),
               "eval": {"batch_size": cfg.eval_batch_size, "batches": cfg.eval_batches}}
     spec = baking_team(cfg, common)
-    import ray
-
-    need, have = sum(a.num_cpus for a in spec.agents), float(ray.cluster_resources().get("CPU", 0.0))
-    if need > have + 1e-9:
-        raise PhaseError("baking", f"the team's {len(spec.agents)} agents reserve {need:g} CPUs "
-                                   f"(baking.agent_cpus={cfg.agent_cpus:g} each), the Ray cluster has {have:g}; "
-                                   f"lower baking.agent_cpus")
+    check_fits(spec, "baking")
     ctx.progress("tasks", 0, len(spec.tasks))
     result = run_team(ctx, spec)
     out = result.outputs

@@ -102,7 +102,7 @@ def with_ternary_codec(cfg: Any, model_dir: Path) -> Any:
 @register_phase("compress", number=8, title="Final compression", consumes="model")
 def run_compress(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
     from actors.compression.graph import compression_team
-    from coordinator.drivers.teams import run_team
+    from coordinator.drivers.teams import check_fits, run_team
 
     (model_dir,) = inputs.models
     cfg = with_ternary_codec(ctx.config.compress, model_dir)
@@ -113,13 +113,7 @@ def run_compress(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
               "data": ctx.config.data.model_dump(mode="json"),
               "eval": {"batch_size": cfg.eval_batch_size, "batches": cfg.eval_batches, "tasks": cfg.eval_tasks}}
     spec = compression_team(cfg, common)
-    import ray
-
-    need, have = sum(a.num_cpus for a in spec.agents), float(ray.cluster_resources().get("CPU", 0.0))
-    if need > have + 1e-9:
-        raise PhaseError("compress", f"the team's {len(spec.agents)} agents reserve {need:g} CPUs "
-                                     f"(compress.agent_cpus={cfg.agent_cpus:g} each), the Ray cluster has {have:g}; "
-                                     f"lower compress.agent_cpus")
+    check_fits(spec, "compress")
     ctx.progress("tasks", 0, len(spec.tasks))
     result = run_team(ctx, spec)
     out = result.outputs

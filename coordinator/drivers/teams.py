@@ -11,10 +11,28 @@ result.json (``failure``) and aborts or continues as ``on_phase_failure`` says.
 from __future__ import annotations
 
 from actors.base import TeamSpec
+from coordinator.errors import PhaseError
 from coordinator.pipeline import PhaseContext
 from coordinator.team import Team, TeamConfig, TeamResult
 
-__all__ = ["run_team"]
+__all__ = ["check_fits", "run_team"]
+
+
+def check_fits(spec: TeamSpec, phase: str) -> None:
+    """Refuse a team whose agents reserve more CPUs than the Ray cluster has, before any starts
+    (else they would wait for resources forever), naming the setting to lower.
+
+    Raises:
+        PhaseError: naming ``<phase>.agent_cpus``.
+    """
+    import ray
+
+    need, have = sum(a.num_cpus for a in spec.agents), float(ray.cluster_resources().get("CPU", 0.0))
+    if need > have + 1e-9:
+        each = spec.agents[0].num_cpus
+        raise PhaseError(phase, f"the team's {len(spec.agents)} agents reserve {need:g} CPUs "
+                                f"({phase}.agent_cpus={each:g} each), the Ray cluster has {have:g}; "
+                                f"lower {phase}.agent_cpus")
 
 
 def run_team(ctx: PhaseContext, spec: TeamSpec, config: TeamConfig | None = None) -> TeamResult:

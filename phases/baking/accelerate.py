@@ -221,6 +221,16 @@ def _measure_kv_cache(model, prompts, max_new_tokens, eos_id, pad_id, repeats, m
 
 
 def _measure_compile(model, prompt, repeats, min_speedup, backend, atol) -> dict:
+    """The measurement, then Dynamo's caches and hooks released (``torch._dynamo.reset``): the
+    compiled graph is only measured here, and a process that keeps them (a Ray worker, a test
+    process) should not carry them on."""
+    try:
+        return _compile_entry(model, prompt, repeats, min_speedup, backend, atol)
+    finally:
+        torch._dynamo.reset()
+
+
+def _compile_entry(model, prompt, repeats, min_speedup, backend, atol) -> dict:
     x = torch.tensor([prompt], dtype=torch.long, device=_device(model))  # (1, T)
     eager_logits = model(input_ids=x).logits
     try:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from phases.training import adamw, derived_seed
+from phases.training import adamw, derived_seed, epoch_order
 
 if TYPE_CHECKING:
     from phases.data.tokenizer import Tokenizer
@@ -212,19 +212,6 @@ class BakeResult:
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
 
-def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Indices of step ``step``'s batch: a stream of per-epoch permutations, a pure function of seed and step."""
-    perms: dict[int, list[int]] = {}
-    out = []
-    for i in range(step * batch_size, (step + 1) * batch_size):
-        epoch, pos = divmod(i, n)
-        if epoch not in perms:
-            gen = torch.Generator().manual_seed(derived_seed(seed, f"bake-order-{epoch}"))
-            perms[epoch] = torch.randperm(n, generator=gen).tolist()
-        out.append(perms[epoch][pos])
-    return out
-
-
 @torch.no_grad()
 def _mean_kl(student, teacher, prompt_ids, examples, batch_size: int, bos_id: int | None) -> float:
     total = sum(float(baking_kl(student, teacher, prompt_ids, examples[i:i + batch_size], bos_id=bos_id))
@@ -251,7 +238,7 @@ def _train(student: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: Seque
     losses = []
     try:
         for step in range(steps):
-            batch = [train[i] for i in _batch_indices(len(train), batch_size, seed, step)]
+            batch = [train[i] for i in epoch_order(len(train), batch_size, seed, step, "bake-order")]
             loss = baking_kl(student, teacher, prompt_ids, batch, bos_id=bos)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from phases.training import adamw, derived_seed
+from phases.training import adamw, derived_seed, epoch_order
 
 from .toolformer import keep_call
 from .tools import CALL_RE, RESULT_SEP, _knowledge, execute_calls, format_call, format_result, get_tool
@@ -325,19 +325,6 @@ def encode_with_loss_mask(tokenizer: Any, text: str, *, mask_results: bool = Tru
     return ids, target
 
 
-def _order(n: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Step ``step``'s batch: a stream of per-epoch permutations, a pure function of (seed, step)."""
-    perms: dict[int, list[int]] = {}
-    out = []
-    for i in range(step * batch_size, (step + 1) * batch_size):
-        epoch, pos = divmod(i, n)
-        if epoch not in perms:
-            gen = torch.Generator().manual_seed(derived_seed(seed, f"tooldata-order-{epoch}"))
-            perms[epoch] = torch.randperm(n, generator=gen).tolist()
-        out.append(perms[epoch][pos])
-    return out
-
-
 def finetune_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *, steps: int, lr: float,
                    batch_size: int, seed: int, mask_results: bool = True, weight_decay: float = 0.0,
                    plain_rows: Sequence[Sequence[int]] = (), plain_per_batch: int = 0) -> list[float]:
@@ -379,9 +366,11 @@ def finetune_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
     model.train()
     try:
         for step in range(steps):
-            batch = [rows[i] for i in _order(len(rows), batch_size - plain_per_batch, seed, step)]
+            text_rows = epoch_order(len(rows), batch_size - plain_per_batch, seed, step, "tooldata-order")
+            batch = [rows[i] for i in text_rows]
             if plain_per_batch:
-                batch += [plain[i] for i in _order(len(plain), plain_per_batch, derived_seed(seed, "plain"), step)]
+                plain_seed = derived_seed(seed, "plain")
+                batch += [plain[i] for i in epoch_order(len(plain), plain_per_batch, plain_seed, step, "tooldata-order")]
             width = max(len(ids) for ids, _ in batch)
             x = torch.full((len(batch), width), tokenizer.eos_id, dtype=torch.long)  # (B, T)
             labels = torch.full((len(batch), width), -100, dtype=torch.long)

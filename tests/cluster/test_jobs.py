@@ -48,6 +48,7 @@ def script_dir(tmp_path: Path) -> Path:
 
 
 @pytest.mark.cluster
+@pytest.mark.slow  # about 15 s; default-run sibling: test_agentforge_cli_runs_as_a_job (below)
 def test_script_job_succeeds_and_streams_its_logs(token_head, auth_env, script_dir):
     logs = io.StringIO()
     outcome = jobs.submit_entrypoint(

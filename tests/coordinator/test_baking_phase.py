@@ -14,67 +14,35 @@ import pytest
 import torch
 
 from coordinator import pipeline
-from coordinator.config import PipelineConfig
-from coordinator.pipeline import PHASES, PhaseOutput, parse_selection, run_pipeline
-from coordinator.runfolder import RunFolder
-from coordinator.tracking import Tracker
-from phases.cognate import CognateConfig
 from phases.cognate.modeling import CognateForCausalLM
-from phases.cognate.train import build_model_config, save_model_dir
-from phases.data import DataConfig, load_corpus
+from tests.coordinator.team_phases import output_hashes, registered, run_after_stand_in, trained_phase
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
-CFG = CognateConfig(target_params=None, vocab_size=None, d_model=32, n_layers=2, n_heads=2, d_ff=64,
-                    memory_slots=16, memory_chunk=8, max_seq_len=128, batch_size=8)
-DATA = DataConfig(seq_len=32)
 # Lean on purpose (the tiny preset's settings run in the e2e README run): few questions and steps,
 # no torch.compile; a gate any run passes (the gate's failure has its own test).
 BAKING = {"tool_questions": 24, "eval_questions": 6, "tool_steps": 6, "persona_questions": 4, "persona_samples": 2,
           "persona_length": 8, "persona_steps": 3, "compile": False, "profile_repeats": 2, "profile_prompts": 4,
           "max_new_tokens": 24, "eval_batches": 1, "eval_batch_size": 4, "min_tool_gain": -1.0,
-          "max_perplexity_ratio": 100.0}
-
-
-def _trained(inputs, ctx):
-    """A stand-in upstream phase: a small Cognate model trained 30 steps on the corpus."""
-    corpus = load_corpus(DATA, seed=0)
-    torch.manual_seed(0)
-    model = CognateForCausalLM(build_model_config(CFG, corpus.tokenizer))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(30):
-        x = corpus.batch(step, 8, 32, 0)
-        loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return PhaseOutput(model=save_model_dir(model.eval(), corpus.tokenizer, ctx.phase_dir / "models" / "m"))
+          "max_perplexity_ratio": 100.0, "filter_warmup_steps": 4}
 
 
 def _run(root, baking=None, chaos=None):
-    cfg = PipelineConfig(seed=5, data=DATA, wandb={"mode": "disabled"}, baking={**BAKING, **(baking or {})},
-                         chaos=chaos or {})
-    run = RunFolder(root / "run")
-    plan = parse_selection(["t_trained", "baking"])
-    run.create(run_id=root.name[:12], config=cfg.model_dump(mode="json"), seed=5, plan=[s.name for s in plan])
-    return run, run_pipeline(cfg, run, plan, tracker=Tracker(cfg.wandb, run, "r"))
+    return run_after_stand_in(root, "baking", baking={**BAKING, **(baking or {})}, chaos=chaos or {})
 
 
 @pytest.fixture(scope="module")
-def trained_phase():
-    pipeline.ordered_phases()
-    pipeline.register_phase("t_trained", number=0, title="test model", consumes="none")(_trained)
-    yield
-    PHASES.pop("t_trained")
+def trained():
+    # 128 positions: the persona's teacher reads the prompt, a prefix and a continuation
+    yield from registered(trained_phase(max_seq_len=128))
 
 
 @pytest.fixture(scope="module")
-def clean_run(trained_phase, tmp_path_factory):
+def clean_run(trained, tmp_path_factory):
     return _run(tmp_path_factory.mktemp("clean"))
 
 
-def _hashes(result):
-    return {**{m.path: m.sha256 for m in result.models}, **{k: a.sha256 for k, a in result.artifacts.items()}}
+_hashes = output_hashes
 
 
 @pytest.mark.slow
@@ -145,7 +113,7 @@ def test_agent_kills_do_not_change_the_output_hashes(clean_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failed_quality_gate_fails_the_phase_naming_why(trained_phase, tmp_path):
+def test_a_failed_quality_gate_fails_the_phase_naming_why(trained, tmp_path):
     with pytest.raises(pipeline.PipelineFailed) as err:
         _run(tmp_path, baking={"min_tool_gain": 1.01})
     assert err.value.phase == "baking" and "quality gate" in err.value.reason
@@ -153,7 +121,7 @@ def test_a_failed_quality_gate_fails_the_phase_naming_why(trained_phase, tmp_pat
     assert not (tmp_path / "run" / "06_baking" / "models" / "baked").exists()
 
 
-def test_a_cluster_too_small_for_the_team_is_refused_naming_agent_cpus(trained_phase, tmp_path):
+def test_a_cluster_too_small_for_the_team_is_refused_naming_agent_cpus(trained, tmp_path):
     """Nine agents reserving 1 CPU each on the tests' 2-CPU Ray: the phase fails before any agent
     starts, naming the setting to lower, and writes no package."""
     with pytest.raises(pipeline.PipelineFailed) as err:

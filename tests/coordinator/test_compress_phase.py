@@ -17,62 +17,36 @@ from coordinator.config import PipelineConfig
 from coordinator.pipeline import PHASES, PhaseOutput, parse_selection, run_pipeline
 from coordinator.runfolder import RunFolder
 from coordinator.tracking import Tracker
-from phases.cognate import CognateConfig
 from phases.cognate.modeling import CognateForCausalLM
-from phases.cognate.train import build_model_config, save_model_dir
-from phases.data import DataConfig, load_corpus
+from phases.cognate.train import save_model_dir
+from phases.data import load_corpus
+from tests.coordinator.team_phases import DATA, output_hashes, registered, run_after_stand_in, trained_phase
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
-CFG = CognateConfig(target_params=None, vocab_size=None, d_model=32, n_layers=2, n_heads=2, d_ff=64,
-                    memory_slots=16, memory_chunk=8, max_seq_len=64, batch_size=8)
-DATA = DataConfig(seq_len=32)
 # Lean on purpose (the full hybrid strategy runs in the e2e README run): quantization only, SeedLM
 # with a budget it always overruns (so it falls back to int8, in both runs), no ONNX.
 COMPRESS = {"strategy": "quantization", "codecs": ["int8", "int4", "seedlm"], "seedlm_max_seconds": 0.001,
             "search_trials": 4, "min_retention": 0.5, "eval_batch_size": 4, "eval_batches": 1, "eval_tasks": 4,
             "profile_repeats": 2, "onnx": False}
-
-
-def _trained(inputs, ctx):
-    """A stand-in upstream phase: a small Cognate model trained 30 steps on the corpus."""
-    corpus = load_corpus(DATA, seed=0)
-    torch.manual_seed(0)
-    model = CognateForCausalLM(build_model_config(CFG, corpus.tokenizer))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(30):
-        x = corpus.batch(step, 8, 32, 0)
-        loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return PhaseOutput(model=save_model_dir(model.eval(), corpus.tokenizer, ctx.phase_dir / "models" / "m"))
+_trained = trained_phase(max_seq_len=64)
 
 
 def _run(root, compress=None, chaos=None):
-    cfg = PipelineConfig(seed=5, data=DATA, wandb={"mode": "disabled"}, compress={**COMPRESS, **(compress or {})},
-                         chaos=chaos or {})
-    run = RunFolder(root / "run")
-    plan = parse_selection(["t_trained", "compress"])
-    run.create(run_id=root.name[:12], config=cfg.model_dump(mode="json"), seed=5, plan=[s.name for s in plan])
-    return run, run_pipeline(cfg, run, plan, tracker=Tracker(cfg.wandb, run, "r"))
+    return run_after_stand_in(root, "compress", compress={**COMPRESS, **(compress or {})}, chaos=chaos or {})
 
 
 @pytest.fixture(scope="module")
-def trained_phase():
-    pipeline.ordered_phases()
-    pipeline.register_phase("t_trained", number=0, title="test model", consumes="none")(_trained)
-    yield
-    PHASES.pop("t_trained")
+def trained():
+    yield from registered(_trained)
 
 
 @pytest.fixture(scope="module")
-def clean_run(trained_phase, tmp_path_factory):
+def clean_run(trained, tmp_path_factory):
     return _run(tmp_path_factory.mktemp("clean"))
 
 
-def _hashes(result):
-    return {**{m.path: m.sha256 for m in result.models}, **{k: a.sha256 for k, a in result.artifacts.items()}}
+_hashes = output_hashes
 
 
 @pytest.mark.slow
@@ -131,7 +105,7 @@ def test_agent_kills_do_not_change_the_output_hashes(clean_run, tmp_path):
     assert _hashes(result) == _hashes(clean[-1]), "outputs equal the fault-free run's"
 
 
-def test_a_cluster_too_small_for_the_team_is_refused_naming_agent_cpus(trained_phase, tmp_path):
+def test_a_cluster_too_small_for_the_team_is_refused_naming_agent_cpus(trained, tmp_path):
     """Nine agents reserving 1 CPU each on the tests' 2-CPU Ray: the phase fails before any agent
     starts, naming the setting to lower (not a hang waiting for resources)."""
     with pytest.raises(pipeline.PipelineFailed) as err:
@@ -154,7 +128,7 @@ def _ternarised(inputs, ctx):
 
 
 @pytest.mark.slow
-def test_a_bitnet_input_gets_the_ternary_codec_and_keeps_its_ternary_weights_exactly(trained_phase, tmp_path):
+def test_a_bitnet_input_gets_the_ternary_codec_and_keeps_its_ternary_weights_exactly(trained, tmp_path):
     """A ternary (phase-4-like) input: the driver adds the ternary codec, whose package stores
     every ternary matrix exactly, in 1.6 bits per weight plus one float32 scale per row. Default-run siblings: the codec and
     detection tests in tests/phases/test_compression_ternary.py."""

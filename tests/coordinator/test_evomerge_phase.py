@@ -1,6 +1,9 @@
 """The EvoMerge phase through the pipeline runner on a real local Ray: its outputs (best model
 dir, history, recipes, lineage), the base model taken from the upstream phase, and resume from
-the search's checkpoint without running the search again."""
+the search's checkpoint without running the search again. Slow (the phase's run, about 45 s on
+2 cores); default-run siblings: the README's tiny run runs the phase through the CLI
+(tests/e2e/test_cli.py) and the search's resume from a checkpoint is tested in
+tests/phases/test_evomerge_evolution.py and test_evomerge_steady.py."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from phases.cognate.modeling import CognateForCausalLM
 from phases.cognate.train import build_model_config, save_model_dir
 from phases.data import DataConfig, load_corpus
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
 CFG = CognateConfig(target_params=None, vocab_size=None, d_model=32, n_layers=3, n_heads=2, d_ff=64,
                     memory_slots=16, memory_chunk=8, max_seq_len=64, batch_size=8)

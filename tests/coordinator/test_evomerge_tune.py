@@ -48,6 +48,7 @@ def test_tune_search_equals_the_plain_ga(tmp_path):
     assert not searcher.failed
 
 
+@pytest.mark.slow  # about 16 s; default-run sibling: tests/chaos/test_evomerge_nodes.py (lost trials)
 def test_a_failing_trial_scores_minus_inf_and_the_search_goes_on(tmp_path):
     cfg = CFG.model_copy(update={"max_generations": 1})
     bad = Evolution(cfg, n_models=3, seed=1).initial()[-1]  # a random genome of the first population
