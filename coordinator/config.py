@@ -21,6 +21,7 @@ from coordinator.chaos import ChaosConfig
 from coordinator.errors import ConfigError
 from phases.cognate.config import CognateConfig
 from phases.bitnet.config import BitNetConfig
+from phases.adas.config import AdasConfig
 from phases.baking.config import BakingConfig
 from phases.compression.config import CompressConfig
 from phases.data.config import DataConfig, FrozenConfig, config_error
@@ -83,6 +84,7 @@ class PipelineConfig(FrozenConfig):
     bitnet: BitNetConfig = BitNetConfig()
     forge: ForgeConfig = ForgeConfig()
     baking: BakingConfig = BakingConfig()
+    adas: AdasConfig = AdasConfig()
     compress: CompressConfig = CompressConfig()
 
     def section(self, phase: str) -> BaseModel | None:

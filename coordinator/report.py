@@ -109,9 +109,21 @@ def _plots(history: Path) -> str:
     return "".join(f'<div class="plot">{s}</div>' for s in out)
 
 
+def _svg(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    svg = buf.getvalue()
+    return f'<div class="plot">{svg[svg.index("<svg"):]}</div>'
+
+
 def _pareto_plot(path: Path) -> str:
-    """A phase's ``pareto.json`` (phase 8: ``front``, ``uniform`` and ``chosen`` points with
-    ``compression`` and ``retention``) as a scatter plot: the front, each codec alone, the choice."""
+    """A phase's ``pareto.json`` as a scatter plot: every candidate (``points``, grey), the
+    ``front``, named single points (``uniform``: phase 8's codecs alone, phase 7's input) and the
+    ``chosen`` one. ``x``/``y`` name the axes (phase 8: ``compression``/``retention`` on a log x;
+    phase 7: ``call_p95_ms``/``accuracy``); ``title``, ``xlabel`` and ``xscale`` are optional."""
     if not path.exists():
         return ""
     import matplotlib
@@ -122,6 +134,9 @@ def _pareto_plot(path: Path) -> str:
     data = json.loads(path.read_text())
     x, y = data.get("x", "compression"), data.get("y", "retention")
     fig, ax = plt.subplots(figsize=(6, 3.6))
+    if data.get("points"):
+        ax.scatter([p[x] for p in data["points"]], [p[y] for p in data["points"]], s=12, color="0.6",
+                   label="candidates")
     front = sorted(data.get("front", []), key=lambda p: p[x])
     ax.plot([p[x] for p in front], [p[y] for p in front], "o-", label="Pareto front", linewidth=1.2)
     for name, p in sorted(data.get("uniform", {}).items()):
@@ -129,17 +144,36 @@ def _pareto_plot(path: Path) -> str:
         ax.annotate(name, (p[x], p[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if data.get("chosen"):
         ax.scatter([data["chosen"][x]], [data["chosen"][y]], marker="*", s=140, color="red", label="chosen", zorder=3)
-    ax.set_xscale("log")
-    ax.set_xlabel(f"{x} (x vs fp32)")
+    ax.set_xscale(data.get("xscale", "log"))
+    ax.set_xlabel(data.get("xlabel", f"{x} (x vs fp32)"))
     ax.set_ylabel(y)
-    ax.set_title("compression: Pareto front")
+    ax.set_title(data.get("title", "compression: Pareto front"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
-    plt.close(fig)
-    svg = buf.getvalue()
-    return f'<div class="plot">{svg[svg.index("<svg"):]}</div>'
+    return _svg(fig)
+
+
+def _latency_plot(path: Path) -> str:
+    """A phase's ``latency.json`` (``samples``: name -> timed latencies in ms) as box plots of the
+    distributions (phase 7: the input and each Pareto-front candidate)."""
+    if not path.exists():
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(path.read_text())
+    samples = {k: v for k, v in data.get("samples", {}).items() if v}
+    if not samples:
+        return ""
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * len(samples)))
+    ax.boxplot(list(samples.values()), vert=False, whis=(1, 99))
+    ax.set_yticks(range(1, len(samples) + 1), list(samples), fontsize=7)
+    ax.set_xlabel(f"latency of {data.get('what', 'one call')} ({data.get('unit', 'ms')}); whiskers p1-p99")
+    ax.set_title("latency distributions (measured in this run)")
+    ax.grid(alpha=0.3)
+    return _svg(fig)
 
 
 def _profile_table(path: Path) -> str:
@@ -192,6 +226,7 @@ def build_report(run: RunFolder, out: Path | None = None) -> Path:
         parts.append("<h3>Lineage</h3>" + _lineage(result))
         parts.append(_plots(run.phase_dir(p["number"], p["phase"]) / "metrics.jsonl"))
         parts.append(_pareto_plot(run.phase_dir(p["number"], p["phase"]) / "pareto.json"))
+        parts.append(_latency_plot(run.phase_dir(p["number"], p["phase"]) / "latency.json"))
         parts.append(_profile_table(run.phase_dir(p["number"], p["phase"]) / "timings.json"))
         parts.append(_tables(run.phase_dir(p["number"], p["phase"]) / "tables.json"))
     if status["events"]:

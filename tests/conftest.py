@@ -69,3 +69,15 @@ def agentforge_cmd() -> list[str]:
 
     exe = which("agentforge")
     return [exe] if exe else [sys.executable, "-m", "coordinator.cli"]
+
+
+@pytest.fixture
+def unbuilt_phase():
+    """A phase of the plan whose algorithm is not built (``register_unbuilt``), registered for one
+    test: every product phase is built, and the runner's refusal must stay tested. Its name."""
+    from coordinator import pipeline
+
+    pipeline.ordered_phases()
+    pipeline.register_unbuilt("t_unbuilt", number=97, title="unbuilt test phase", consumes="model", issue=999)
+    yield "t_unbuilt"
+    pipeline.PHASES.pop("t_unbuilt")

@@ -11,7 +11,5 @@ from coordinator.drivers import quietstar  # noqa: F401 - registers phase 3
 from coordinator.drivers import bitnet  # noqa: F401 - registers phase 4
 from coordinator.drivers import forge  # noqa: F401 - registers phase 5
 from coordinator.drivers import baking  # noqa: F401 - registers phase 6
+from coordinator.drivers import adas  # noqa: F401 - registers phase 7
 from coordinator.drivers import compress  # noqa: F401 - registers phase 8
-from coordinator.pipeline import register_unbuilt
-
-register_unbuilt("adas", number=7, title="ADAS: deployment architecture search", consumes="model", issue=10)

@@ -20,6 +20,11 @@ chunked memory make cached states step-dependent, and tiny models do not need th
 ``sub_norm`` adds BitNet's SubLN (an RMSNorm before ``o_proj`` and before ``down_proj``); off
 in phase 1, turned on by phase 4 (``phases/bitnet``).
 
+``linear_ranks`` (phase 7, ``phases/adas/build.py``) maps qualified Linear names (relative to
+``CognateForCausalLM``, e.g. ``"model.layers.0.mlp.up_proj"``) to a rank: each is built as a
+``LowRankLinear`` (``up(down(x))``, the truncated-SVD factors), so factorised models load with
+``from_pretrained`` like any other.
+
 Parallel thoughts (Quiet-STaR, ``phases/quietstar/mask.py``): ``attention_mask`` may also be a
 boolean (B or 1, 1, T, T) mask (True = may attend), used as-is by every attention, with the
 caller's ``position_ids``; ``memory_anchors`` (T,), or (B, T) for a layout per row, then keeps
@@ -45,7 +50,7 @@ try:  # transformers >= 5: init helpers that respect already-loaded weights
 except ImportError:  # pragma: no cover - transformers 4.x
     _init = nn.init
 
-__all__ = ["CognateModelConfig", "CognateModel", "CognateForCausalLM", "CognateCausalLMOutput"]
+__all__ = ["CognateModelConfig", "CognateModel", "CognateForCausalLM", "CognateCausalLMOutput", "LowRankLinear"]
 
 
 class CognateModelConfig(PretrainedConfig):
@@ -65,7 +70,7 @@ class CognateModelConfig(PretrainedConfig):
                  memory_slots: int = 64, memory_dim: int | None = None, memory_chunk_size: int = 16,
                  memory_max_lr: float = 1.0, variant: str = "base", use_cache: bool = False,
                  sub_norm: bool = False, bos_token_id: int | None = 256, eos_token_id: int | None = 256,
-                 pad_token_id: int | None = 257,
+                 pad_token_id: int | None = 257, linear_ranks: dict[str, int] | None = None,
                  **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -91,6 +96,8 @@ class CognateModelConfig(PretrainedConfig):
         # output projection and before the MLP's down projection. Phase 4 turns it on.
         self.sub_norm = sub_norm
         self.use_cache = use_cache  # there is no KV cache (see the module docstring)
+        # Low-rank factorised Linears (phase 7): qualified name -> rank, built as LowRankLinear.
+        self.linear_ranks = dict(linear_ranks) if linear_ranks else None
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
@@ -105,6 +112,9 @@ class CognateModelConfig(PretrainedConfig):
                              f"{act_max_steps_infer} and {act_max_steps_train}")
         if num_hidden_layers < 1:
             raise ValueError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
+        for name, rank in (self.linear_ranks or {}).items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"linear_ranks[{name!r}] must be an int >= 1, got {rank!r}")
         super().__init__(**kwargs)
 
 
@@ -147,6 +157,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+class LowRankLinear(nn.Module):
+    """A bias-free Linear factorised as ``up(down(x))``: ``down`` in -> rank, ``up`` rank -> out.
+
+    Holds no parameters of its own, so ``_init_weights`` initialises the two factors as Linears.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
 class CognateAttention(nn.Module):
@@ -307,7 +336,30 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = CognateModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._factorise(config.linear_ranks or {})
         self.post_init()
+
+    def _factorise(self, ranks: dict[str, int]) -> None:
+        """Replaces each named Linear by a LowRankLinear of its rank (before init and loading).
+
+        Raises:
+            ValueError: a name that is not a module, not a bias-free Linear, or the tied lm_head.
+        """
+        for name, rank in ranks.items():
+            try:
+                module = self.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"linear_ranks names {name!r}, which is not a module of CognateForCausalLM") from None
+            if type(module) is not nn.Linear or module.bias is not None:
+                raise ValueError(f"linear_ranks names {name!r}, a {type(module).__name__} "
+                                 f"(only bias-free nn.Linear modules can be factorised)")
+            if name == "lm_head" and self.config.tie_word_embeddings:
+                raise ValueError("linear_ranks names 'lm_head', which is tied to the input embeddings")
+            low = LowRankLinear(module.in_features, module.out_features, rank)
+            if getattr(module, "residual_out", False):
+                low.up.residual_out = True  # the scaled init goes to the factor writing the residual
+            parent, _, child = name.rpartition(".")
+            setattr(self.get_submodule(parent) if parent else self, child, low)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

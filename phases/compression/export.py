@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import logging
 import re
 import warnings
 from collections.abc import Iterator
@@ -240,7 +241,11 @@ def quantize_onnx_int8(onnx_path: str | Path, out_path: str | Path) -> Path:
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(str(onnx_path), str(out_path), weight_type=QuantType.QInt8)
+    logging.disable(logging.WARNING)  # the quantizer logs each tensor it skips (with its protobuf) to the root logger
+    try:
+        quantize_dynamic(str(onnx_path), str(out_path), weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
     onnx.checker.check_model(str(out_path))
     return out_path
 

@@ -43,13 +43,16 @@ def test_optional_measurements_fall_back_and_kills_are_retried():
     assert TASK_POLICY.strategies[:2] == (Strategy.retry, Strategy.restart)
 
 
-def test_the_baking_and_compression_roles_share_one_registry_without_clashing():
-    """Role names are global (one registry per process): a pipeline runs both teams."""
+def test_the_three_teams_roles_share_one_registry_without_clashing():
+    """Role names are global (one registry per process): a pipeline runs all three teams."""
+    import actors.adas  # noqa: F401
     import actors.baking  # noqa: F401
     import actors.compression  # noqa: F401
+    from actors.adas.graph import AGENTS as ADAS
     from actors.baking.graph import AGENTS as BAKING
     from actors.compression.graph import AGENTS as COMPRESSION
     from actors.roles import role_path
 
     assert all(role_path(r).startswith("actors.baking.") for r in BAKING)
     assert all(role_path(r).startswith("actors.compression.") for r in COMPRESSION)
+    assert all(role_path(r).startswith("actors.adas.") for r in ADAS)

@@ -31,7 +31,10 @@ def three_nodes() -> Iterator[LocalCluster]:
         yield cluster
 
 
+@pytest.mark.slow
 def test_random_agent_kills_across_nodes_never_change_the_outputs(three_nodes, tmp_path):
+    """Slow (about 30 s on 2 cores); default-run siblings: a node killed mid-run below, and
+    random agent kills on one node (tests/chaos/test_drill.py)."""
     connect(three_nodes.address)
     workers = {n.node_id for n in three_nodes.worker_nodes}
     report = run_drill(ChaosConfig(seed=11, kill_rate=0.2, raise_rate=0.1), tmp_path, run_id="kills", work_s=0.02)

@@ -72,7 +72,10 @@ def test_embedded_default_turns_token_auth_on_and_shutdown_undoes_it(auth_env):
     shutdown()  # a second call is a no-op
 
 
+@pytest.mark.slow
 def test_embedded_with_auth_disabled(auth_env, monkeypatch):
+    """Slow (about 11 s: an embedded Ray of its own); default-run sibling:
+    test_embedded_default_turns_token_auth_on_and_shutdown_undoes_it."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     info = connect(num_cpus=1, namespace="af-test", dashboard_port=free_port(), object_store_memory=80 * MiB)
 

@@ -65,7 +65,10 @@ def test_script_job_succeeds_and_streams_its_logs(token_head, auth_env, script_d
 
 
 @pytest.mark.cluster
+@pytest.mark.slow
 def test_failing_job_no_wait_then_follow(token_head, auth_env, script_dir):
+    """Slow (about 11 s); default-run sibling: test_command_line_no_wait_json (no-wait submission)
+    and test_agentforge_cli_runs_as_a_job (following a job to its end)."""
     outcome = jobs.submit_entrypoint(
         "python -c 'import sys; print(\"boom\", flush=True); sys.exit(3)'",
         address=token_head.dashboard_url,

@@ -83,14 +83,14 @@ def test_selection_errors_list_the_phases(bad):
         parse_selection(bad)
 
 
-def test_unbuilt_phase_is_an_error_naming_it(tmp_path):
-    plan = parse_selection("adas")
+def test_unbuilt_phase_is_an_error_naming_it(tmp_path, unbuilt_phase):
+    plan = parse_selection(unbuilt_phase)
     cfg = PipelineConfig(wandb=WandbConfig(mode="disabled"))
     run = RunFolder(tmp_path)
-    run.create(run_id="r", config={}, seed=0, plan=["adas"])
-    with pytest.raises(PhaseNotBuiltError, match="'adas'.*issue #10"):
+    run.create(run_id="r", config={}, seed=0, plan=[unbuilt_phase])
+    with pytest.raises(PhaseNotBuiltError, match="'t_unbuilt'.*issue #999"):
         run_pipeline(cfg, run, plan, tracker=Tracker(cfg.wandb, run, "r"))
-    assert not list(tmp_path.glob("07_*")), "an unbuilt phase must leave no output"
+    assert not list(tmp_path.glob("97_*")), "an unbuilt phase must leave no output"
 
 
 def test_results_name_hashed_artifacts_and_lineage(tmp_path, test_phases):

@@ -231,6 +231,45 @@ def test_the_tiny_run_bakes_tools_and_a_persona(reference_run):
     assert any(b"baking/after/tool_call_accuracy" in b and b"baking/health/" in b for b in logs)
 
 
+def test_the_tiny_run_certifies_a_deployment_for_edge_cpu(reference_run):
+    """Phase 7 on the README run: the nine-agent ADAS team searches deployment recipes of the
+    baked model for the edge-cpu profile; the winner met every requirement, is smaller or faster
+    than the input within the allowed accuracy loss, and comes with a certificate whose every
+    number re-derives from its evidence files; phase 8 compressed the winner's model; the
+    Pareto front and latency distributions reached the report, the metrics W&B."""
+    from phases.adas.certificate import verify_certificate
+    from phases.adas.runtime import load_runner
+
+    run_dir, _ = reference_run
+    phase = run_dir / "07_adas"
+    result = json.loads((phase / "result.json").read_text())
+    assert result["success"], result["error"]
+    m = result["metrics"]
+    assert m["adas/certified"] is True and m["adas/candidates"] >= 4 and m["adas/front_size"] >= 1
+    assert m["adas/winner/retention"] >= 0.95  # edge-cpu's accuracy floor
+    assert m["adas/size_ratio"] > 1.0 or m["adas/speedup_p95"] > 1.0, "smaller or faster than the input"
+    assert m["adas/reload_equals_measured"] is True and any(k.startswith("adas/health/") for k in m)
+    cert = json.loads((phase / "certificate" / "certificate.json").read_text())
+    assert cert["passed"] and cert["profile"] == "edge-cpu" and cert["machine"]["cpu_count"] >= 1
+    names = {r["name"] for r in cert["requirements"]}
+    assert {"call_p95_ms", "call_p99_ms", "token_p95_ms", "memory_mb", "disk_mb", "parity",
+            "accuracy_retention"} <= names
+    verify_certificate(phase / "certificate" / "certificate.json")
+    runner = load_runner(phase / "deployment")  # the deployed artifact runs as certified
+    assert runner.backend == cert["recipe"]["backend"] and runner.precision == cert["recipe"]["precision"]
+    health = json.loads((phase / "work" / "teams" / "adas" / "health" / "report.json").read_text())
+    assert len(health["agents"]) == 9 and all(a["calls"] >= 1 for a in health["agents"].values())
+    model = phase / "models" / "adas"
+    assert {"tools.json", "persona.json", "tokenizer.json", "config.json"} <= {p.name for p in model.iterdir()}
+    compress = json.loads((run_dir / "08_compress" / "result.json").read_text())
+    assert compress["inputs"] == [{"path": result["model"]["path"], "sha256": result["model"]["sha256"]}]
+    report = (run_dir / "report.html").read_text()
+    assert "adas (edge-cpu): candidates and Pareto front" in report and "latency distributions" in report
+    assert "<h3>requirements</h3>" in report and "<h3>candidates</h3>" in report
+    logs = [p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")]
+    assert any(b"adas/winner/call_p95_ms" in b and b"adas/health/" in b for b in logs)
+
+
 def test_status_json_reads_the_run(reference_run):
     run_dir, _ = reference_run
     proc = _agentforge("status", str(run_dir), "--json", cwd=run_dir.parent)
@@ -254,7 +293,7 @@ def test_sigkill_mid_search_then_resume_gives_identical_hashes(reference_run, tm
     run_dir, _ = reference_run
     killed = tmp_path / "killed"
     shutil.copytree(run_dir, killed, ignore=shutil.ignore_patterns("02_evomerge", "03_quietstar", "04_bitnet",
-                                                          "05_forge", "06_baking", "08_compress", "wandb",
+                                                          "05_forge", "06_baking", "07_adas", "08_compress", "wandb",
                                                           "report.html"))
     state = killed / "02_evomerge" / "work" / "evolution.json"
     proc = subprocess.Popen([*agentforge_cmd(), "resume", str(killed), "--wandb", "disabled"],
@@ -276,7 +315,7 @@ def test_sigkill_mid_search_then_resume_gives_identical_hashes(reference_run, tm
     assert "evomerge: resuming after generation" in resumed.stderr
     assert not (killed / "03_quietstar" / "result.json").exists(), "--until evomerge stops after phase 2"
     reference = {k: v for k, v in _model_hashes(run_dir).items()
-                 if not k.startswith(("03_quietstar", "04_bitnet", "05_forge", "06_baking", "08_compress"))}
+                 if not k.startswith(("03_quietstar", "04_bitnet", "05_forge", "06_baking", "07_adas", "08_compress"))}
     assert _model_hashes(killed) == reference, "resumed run must equal the uninterrupted one bit for bit"
 
 
@@ -300,20 +339,22 @@ def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, monke
     assert not (tmp_path / "runs").exists(), "nothing is created for an invalid config"
 
 
-def test_unbuilt_phase_fails_with_a_clear_reason(tmp_path, capsys, monkeypatch):
-    code, err = _main_in_process(["run", "--phases", "adas"], tmp_path, capsys, monkeypatch)
+def test_unbuilt_phase_fails_with_a_clear_reason(tmp_path, capsys, monkeypatch, unbuilt_phase):
+    code, err = _main_in_process(["run", "--phases", unbuilt_phase], tmp_path, capsys, monkeypatch)
     assert code == 1
     last = err.strip().splitlines()[-1]
-    assert "adas" in last and "not built yet" in last and "issue #10" in last
+    assert unbuilt_phase in last and "not built yet" in last and "issue #999" in last
 
 
-def test_resume_until_a_phase_not_in_the_run_names_the_runs_phases(reference_run, capsys, monkeypatch):
+def test_resume_until_a_phase_not_in_the_run_names_the_runs_phases(reference_run, capsys, monkeypatch,
+                                                                   unbuilt_phase):
     run_dir, _ = reference_run
     before = _model_hashes(run_dir)
-    code, err = _main_in_process(["resume", str(run_dir), "--until", "adas"], run_dir.parent, capsys, monkeypatch)
+    code, err = _main_in_process(["resume", str(run_dir), "--until", unbuilt_phase], run_dir.parent, capsys,
+                                 monkeypatch)
     assert code == 2
-    assert "--until 'adas'" in err
-    assert "1 cognate, 2 evomerge, 3 quietstar, 4 bitnet, 5 forge, 6 baking, 8 compress" in err
+    assert f"--until '{unbuilt_phase}'" in err
+    assert "1 cognate, 2 evomerge, 3 quietstar, 4 bitnet, 5 forge, 6 baking, 7 adas, 8 compress" in err
     assert _model_hashes(run_dir) == before
 
 
@@ -341,13 +382,13 @@ def test_phase_command_runs_one_phase(reference_run, tmp_path):
     assert len(recipe["models"]) == 3 and not any("(base)" in n for n in recipe["model_names"])
 
 
-def test_phase_command_refuses_unbuilt_phases(reference_run, tmp_path, capsys, monkeypatch):
+def test_phase_command_refuses_unbuilt_phases(reference_run, tmp_path, capsys, monkeypatch, unbuilt_phase):
     run_dir, _ = reference_run
     model = json.loads((run_dir / "02_evomerge" / "result.json").read_text())["model"]["path"]
-    code, err = _main_in_process(["phase", "adas", "--models", str(run_dir / model), "--out", "three"],
+    code, err = _main_in_process(["phase", unbuilt_phase, "--models", str(run_dir / model), "--out", "three"],
                                  tmp_path, capsys, monkeypatch)
-    assert code == 1 and "adas" in err and "not built yet" in err
-    assert not (tmp_path / "three" / "07_adas").exists()
+    assert code == 1 and unbuilt_phase in err and "not built yet" in err
+    assert not (tmp_path / "three" / "97_t_unbuilt").exists()
 
 
 def test_loaded_model_generates(reference_run):

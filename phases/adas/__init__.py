@@ -1,0 +1,1 @@
+"""Phase 7: ADAS, deployment architecture search (see the modules)."""
