@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from phases.adas.inline import choose_device, run_search
     from phases.adas.profiles import BUILTIN_PROFILES
     from phases.adas.recipes import Recipe
+    from phases.adas.search import OBJECTIVES
     from phases.data import load_corpus
 
     cfg, _ = load_config(preset=args.preset, overrides=["wandb.mode=disabled", *args.set])
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             a_, b_ = _value(ref["metrics"], key), _value(win["metrics"], key)
             ratio = b_ / a_ if isinstance(a_, (int, float)) and isinstance(b_, (int, float)) and a_ else None
             print(f"| {label} | {_fmt(a_)} | {_fmt(b_)} | {_fmt(ratio)} |")
-        print("\nPareto front (accuracy, FLOPs/token, bytes on disk):\n")
+        print(f"\nPareto front over {', '.join(n for n, _ in OBJECTIVES[cfg.adas.decision])}:\n")
         print("| recipe | accuracy | call p95 ms | disk MiB | passed |\n|---|---|---|---|---|")
         for c in r["front"]:
             m = c["metrics"]

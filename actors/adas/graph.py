@@ -31,10 +31,14 @@ from actors.policies import TASK_POLICY
 from coordinator.dag import TaskSpec
 from phases.adas.config import AdasConfig
 
-__all__ = ["AGENTS", "adas_graph", "adas_team", "task_names"]
+__all__ = ["AGENTS", "WARM", "adas_graph", "adas_team", "task_names"]
 
 AGENTS = ("adas-orchestrator", "architecture-proposer", "candidate-builder", "evaluator", "latency-profiler",
           "safety-monitor", "archivist", "edge-deployer", "compliance-validator")
+
+# the roles that load models import torch and transformers when they start (their imports overlap);
+# the others handle plain data and never import them
+WARM = ("candidate-builder", "evaluator", "latency-profiler", "edge-deployer")
 
 
 def task_names(generations: int) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -72,6 +76,5 @@ def adas_team(cfg: AdasConfig, common: dict[str, Any], *, name: str = "adas") ->
     """The nine agents (each shows in the dashboard as ``RUNID/adas/<role>``) and the graph."""
     import actors.adas  # noqa: F401 - registers the roles
 
-    return TeamSpec(name=name, agents=tuple(AgentSpec(role=r, num_cpus=cfg.agent_cpus,
-                                                      config={"warm": r != "adas-orchestrator"}) for r in AGENTS),
-                    tasks=adas_graph(cfg, common))
+    return TeamSpec(name=name, agents=tuple(AgentSpec(role=r, num_cpus=cfg.agent_cpus, config={"warm": r in WARM})
+                                            for r in AGENTS), tasks=adas_graph(cfg, common))

@@ -28,7 +28,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from actors.io import corpus_for, load_hf, set_threads
 from actors.roles import StatelessRole
 from coordinator.errors import PhaseError
 from serialization.checkpoint import atomic_write_json
@@ -40,8 +39,10 @@ SIDE_FILES = ("tools.json", "knowledge.json", "persona.json")  # phase 6's packa
 
 
 class _AdasRole(StatelessRole):
-    """Imports the heavy libraries when the actor starts (``config["warm"]``): the agents spawn
-    together, so their imports overlap instead of delaying each first task in turn."""
+    """Imports the heavy libraries when the actor starts (``config["warm"]``: the roles that load
+    models), so their imports overlap instead of delaying each first task in turn. The roles that
+    only handle plain data (proposer, safety monitor, archivist) never import torch or
+    transformers: this module imports them lazily."""
 
     def setup(self, context: Any) -> None:
         if context.config.get("warm", True):
@@ -50,6 +51,24 @@ class _AdasRole(StatelessRole):
             import phases.cognate.modeling  # noqa: F401
             import phases.data.corpus  # noqa: F401
             set_threads()
+
+
+def set_threads() -> None:
+    from actors.io import set_threads as one_thread
+
+    one_thread()
+
+
+def load_hf(path: str | Path):
+    from actors.io import load_hf as load
+
+    return load(path)
+
+
+def corpus_for(payload: dict[str, Any]):
+    from actors.io import corpus_for as corpus
+
+    return corpus(payload)
 
 
 def _cfg(payload: dict[str, Any]):
@@ -171,7 +190,7 @@ class CandidateBuilder(_AdasRole):
     fails to build is reported with its error (it is archived infeasible, not dropped)."""
 
     def handle(self, task: str, payload: Any, inputs: dict[str, Any]) -> Any:
-        from phases.adas.evaluate import arch_key, build_architecture, build_artifact
+        from phases.adas.evaluate import build_architecture, build_artifact
 
         set_threads()
         plan, proposed = inputs["plan"], inputs[f"propose-{_generation(task)}"]
@@ -184,7 +203,7 @@ class CandidateBuilder(_AdasRole):
             recipe = _recipe(item)
             entry = dict(item)
             try:
-                arch = build_architecture(model, recipe, calibration, work / "arch" / arch_key(recipe),
+                arch = build_architecture(model, recipe, calibration, work / "arch" / recipe.arch_key(),
                                           payload["input"])
                 art = build_artifact(arch["dir"], recipe, work / "artifacts" / recipe.key(),
                                      seq_len=int(plan["seq_len"]), device=plan["device"])
@@ -211,6 +230,8 @@ class Evaluator(_AdasRole):
         windows = _windows(payload)
         out = {}
         for entry in _ok(inputs[f"build-{_generation(task)}"]["built"]):
+            if entry["key"] in out:  # the reference is also generation 0's seed recipe
+                continue
             call_ids, _ = call_inputs(windows[:, :-1], _recipe(entry), profile)
             try:
                 out[entry["key"]] = measure_quality(entry["artifact_dir"], entry["arch_dir"], windows, call_ids,
@@ -262,8 +283,7 @@ class SafetyMonitor(_AdasRole):
     Generation 0 also measures the reference's retention base (the input model's accuracy)."""
 
     def handle(self, task: str, payload: Any, inputs: dict[str, Any]) -> Any:
-        from phases.adas.evaluate import retention, write_evidence
-        from phases.adas.safety import check, reasons
+        from phases.adas.safety import check, reasons, retention, write_evidence
 
         g = _generation(task)
         profile = _profile(inputs["plan"])
@@ -371,9 +391,7 @@ class EdgeDeployer(_AdasRole):
 
 
 def _arch(candidate: dict[str, Any]) -> str:
-    from phases.adas.evaluate import arch_key
-
-    return arch_key(_recipe(candidate))
+    return _recipe(candidate).arch_key()
 
 
 class ComplianceValidator(_AdasRole):

@@ -19,11 +19,10 @@ import torch
 from torch import nn
 
 from phases.adas.config import AdasConfig
-from phases.adas.evaluate import (arch_key, build_architecture, build_artifact, call_inputs, measure_quality,
-                                  measure_speed, write_evidence)
+from phases.adas.evaluate import build_architecture, build_artifact, call_inputs, measure_quality, measure_speed
 from phases.adas.profiles import TargetProfile
 from phases.adas.recipes import Recipe, Space, build_space
-from phases.adas.safety import check, reasons
+from phases.adas.safety import check, reasons, write_evidence
 from phases.adas.search import Archive, Candidate, choose, propose
 
 __all__ = ["SearchOutcome", "choose_device", "evaluate_recipe", "reference_recipe", "run_search", "space_for"]
@@ -80,7 +79,7 @@ def evaluate_recipe(model: nn.Module, recipe: Recipe, profile: TargetProfile, *,
     cand = Candidate(recipe=recipe, generation=generation, parents=parents, origin=origin)
     speed = None
     try:
-        arch = build_architecture(model, recipe, calibration, work_dir / "arch" / arch_key(recipe), tokenizer_from)
+        arch = build_architecture(model, recipe, calibration, work_dir / "arch" / recipe.arch_key(), tokenizer_from)
         art = build_artifact(arch["dir"], recipe, work_dir / "artifacts" / recipe.key(), seq_len=seq_len,
                              device=device)
         call_ids, prompt_ids = call_inputs(windows[:, :-1], recipe, profile)

@@ -61,6 +61,10 @@ class Recipe:
         """The architecture genes: recipes sharing them share the built weights."""
         return (self.drop_layers, self.ffn_keep, self.low_rank)
 
+    def arch_key(self) -> str:
+        """A folder name for the built architecture, e.g. ``d1-f0.5-r1``."""
+        return f"d{self.drop_layers}-f{self.ffn_keep:g}-r{self.low_rank:g}"
+
     def describe(self) -> str:
         parts = []
         if self.drop_layers:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from phases.adas.profiles import TargetProfile
 
-__all__ = ["Requirement", "check", "reasons"]
+__all__ = ["Requirement", "check", "reasons", "retention", "write_evidence"]
 
 _MIB = 2 ** 20
 
@@ -102,3 +103,25 @@ def check(profile: TargetProfile, metrics: Mapping[str, Any], *, evidence: str) 
 def reasons(rows: list[Requirement]) -> list[str]:
     """The failed rows as one-line reasons (empty: the candidate passed)."""
     return [r.reason() for r in rows if not r.passed]
+
+
+def retention(accuracy: float, reference: float) -> float:
+    """The accuracy floor's measure: ``accuracy / reference``; 1.0 when the reference scores 0
+    (there is no accuracy to lose)."""
+    return accuracy / reference if reference > 0 else 1.0
+
+
+def write_evidence(path: str | Path, *, recipe: Any, metrics: Mapping[str, Any], speed: Mapping[str, Any] | None,
+                   requirements: list[Requirement]) -> Path:
+    """One candidate's evidence file: the recipe, every metric, the raw latency samples
+    (``call_samples_ms``, ``token_samples_ms``) and the requirement rows: what the certificate
+    cites and :func:`~phases.adas.certificate.verify_certificate` re-derives."""
+    from serialization.checkpoint import atomic_write_json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"key": recipe.key(), "recipe": recipe.to_json(), "metrics": dict(metrics),
+                             "call_samples_ms": list((speed or {}).get("call_samples_ms", [])),
+                             "token_samples_ms": list((speed or {}).get("token_samples_ms", [])),
+                             "requirements": [r.to_json() for r in requirements]})
+    return path

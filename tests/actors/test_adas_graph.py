@@ -33,3 +33,31 @@ def test_each_generation_breeds_from_the_previous_archive_and_the_profiler_times
             assert "safety-0" in tasks[f"safety-{g}"].inputs  # the reference's accuracy
     assert "archive-2" in tasks["deploy"].inputs and "deploy" in tasks["certify"].inputs
     assert tasks["plan"].payload["cfg"]["profile"] == "edge-cpu" and tasks["plan"].payload["input"] == "in"
+
+
+def test_the_plain_data_roles_never_import_torch():
+    """The proposer, safety monitor and archivist start cold and stay light (WARM says which
+    roles import the heavy libraries): a proposal made in a fresh interpreter imports neither
+    torch nor transformers."""
+    import subprocess
+    import sys
+
+    from actors.adas.graph import WARM
+    from tests.conftest import ROOT
+
+    assert "architecture-proposer" not in WARM and "candidate-builder" in WARM
+    code = (
+        "import sys, json\n"
+        "from actors.adas.roles import ArchitectureProposer, Archivist\n"
+        "from phases.adas.recipes import Space\n"
+        "space = Space(drop_layers=(0,), ffn_keep=(1.0,), low_rank=(1.0,), precision=('fp32', 'int8'),\n"
+        "              backend=('eager',), threads=(1,), batch_size=(1,))\n"
+        "payload = {'cfg': {'population': 2, 'decision': 'deterministic', 'mutation_rate': None}, 'seed': 0}\n"
+        "plan = {'space': space.to_json(), 'reference': {'drop_layers': 0, 'ffn_keep': 1.0, 'low_rank': 1.0,\n"
+        "        'precision': 'fp32', 'backend': 'eager', 'threads': 1, 'batch_size': 1}}\n"
+        "out = ArchitectureProposer().handle('propose-0', payload, {'plan': plan})\n"
+        "assert len(out['proposals']) == 2 and out['reference']['origin'] == 'reference'\n"
+        "print(json.dumps(['torch' in sys.modules, 'transformers' in sys.modules]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[false, false]"

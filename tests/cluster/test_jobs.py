@@ -124,8 +124,11 @@ def test_agentforge_cli_runs_as_a_job(token_head, auth_env):
 
 
 @pytest.mark.cluster
+@pytest.mark.slow
 def test_in_place_working_dir_needs_no_upload(token_head, auth_env, tmp_path):
-    """``local://`` (what the KubeRay manifest uses): the job runs in a folder already on the node."""
+    """``local://`` (what the KubeRay manifest uses): the job runs in a folder already on the node.
+    Slow (about 8 s); default-run sibling: the unpacked working dir test above (a job runs the
+    project with the token from the environment)."""
     folder = tmp_path / "in-place"
     folder.mkdir()
     logs = io.StringIO()

@@ -4,7 +4,8 @@ phase naming the requirements no candidate met. The tests that run the team are 
 each on 2 cores); the default run certifies on the README's tiny run instead (tests/e2e/test_cli.py
 checks the certificate, the nine agents, the report and the W&B metrics there), runs the whole
 search in one process (tests/phases/test_adas_inline.py), and keeps the refusals below, which
-fail before any agent starts."""
+fails before any agent starts (the agents' CPU check, shared with phases 6 and 8, is tested
+there)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ import pytest
 from coordinator import pipeline
 from phases.adas.certificate import verify_certificate
 from tests.coordinator.team_phases import registered, run_after_stand_in, trained_phase
-
-pytestmark = pytest.mark.usefixtures("ray_local")
 
 # Lean on purpose (the tiny preset's settings run in the e2e README run).
 ADAS = {"generations": 2, "population": 3, "backends": ["eager", "onnxruntime"], "repeats": 5, "token_repeats": 1,
@@ -34,7 +33,7 @@ def trained():
 
 
 @pytest.fixture(scope="module")
-def clean_run(trained, tmp_path_factory):
+def clean_run(trained, ray_local, tmp_path_factory):
     return _run(tmp_path_factory.mktemp("clean"))
 
 
@@ -68,7 +67,7 @@ def test_the_phase_deploys_and_certifies_the_winner(clean_run):
 
 
 @pytest.mark.slow
-def test_agent_kills_do_not_change_the_chosen_model(clean_run, tmp_path):
+def test_agent_kills_do_not_change_the_chosen_model(clean_run, ray_local, tmp_path):
     """The runtime's chaos settings kill ADAS agents mid-phase: the search measures nothing twice
     (stored measurements are reused on replay) and chooses the same model. Default-run siblings:
     tests/chaos/ (random agent kills never change a team's outputs)."""
@@ -81,7 +80,7 @@ def test_agent_kills_do_not_change_the_chosen_model(clean_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_impossible_profile_fails_naming_what_no_candidate_met(trained, tmp_path):
+def test_an_impossible_profile_fails_naming_what_no_candidate_met(trained, ray_local, tmp_path):
     impossible = {"profiles": {"impossible": {"call_p99_ms": 0.01, "backends": ["eager", "onnxruntime"],
                                               "precisions": ["fp32", "int8"], "threads": [1]}},
                   "profile": "impossible", "generations": 1}
@@ -95,15 +94,9 @@ def test_an_impossible_profile_fails_naming_what_no_candidate_met(trained, tmp_p
     assert not (tmp_path / "run" / "07_adas" / "certificate").exists()
 
 
-def test_a_cluster_too_small_for_the_team_is_refused_naming_agent_cpus(trained, tmp_path):
-    with pytest.raises(pipeline.PipelineFailed) as err:
-        _run(tmp_path, adas={"agent_cpus": 1.0})
-    assert err.value.phase == "adas"
-    assert "adas.agent_cpus" in err.value.reason and "9 agents reserve 9 CPUs" in err.value.reason
-
-
 def test_a_profile_this_machine_cannot_run_is_refused_before_the_team_starts(trained, tmp_path):
-    """cloud-gpu needs CUDA: without it the phase fails naming the profile and the device."""
+    """cloud-gpu needs CUDA: without it the phase fails naming the profile and the device, before
+    it needs Ray (this test starts none)."""
     import torch
 
     if torch.cuda.is_available():
