@@ -1,8 +1,8 @@
 """Phase drivers: how each phase's pure algorithm (``phases/``) runs on Ray.
 
-Importing this package registers every phase of the plan with the pipeline runner. Phases whose
-algorithm is not built yet are registered as unbuilt: asking to run one is an error naming it
-and the issue that builds it; they never produce output.
+Importing this package registers every phase of the plan with the pipeline runner; all eight
+are built. A phase declared with ``pipeline.register_unbuilt`` (none today; the tests declare
+one) is an error naming it and the issue that builds it, and never produces output.
 """
 
 from coordinator.drivers import cognate  # noqa: F401 - registers phase 1

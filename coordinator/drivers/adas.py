@@ -122,7 +122,7 @@ def _plots(ctx: PhaseContext, out: dict[str, Any], archive: dict[str, Any]) -> N
 @register_phase("adas", number=7, title="ADAS: deployment architecture search", consumes="model")
 def run_adas(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
     from actors.adas.graph import adas_team
-    from coordinator.drivers.teams import check_fits, run_team
+    from coordinator.drivers.teams import check_fits, run_team, team_metrics
 
     from phases.adas.inline import choose_device
 
@@ -154,10 +154,7 @@ def run_adas(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
     if not out["deploy"]["reload_equals_measured"]:
         raise PhaseError("adas", "the deployed artifact, reloaded, does not reproduce the measured artifact's logits")
     metrics = _metrics(out, archive)
-    metrics["adas/team_faults_injected"] = len(result.faults)
-    metrics["adas/team_recoveries"] = len(result.decisions)
-    for key, value in result.metrics.items():  # health/adas/... -> adas/health/...
-        metrics["adas/health/" + key.removeprefix(f"health/{spec.name}/")] = value
+    metrics.update(team_metrics("adas", result, spec.name))
     report = ctx.phase_dir / "adas_report.json"
     shutil.copy2(out["report"]["report"], report)
     shutil.copy2(out["report"]["timings"], ctx.phase_dir / "timings.json")  # measured: not an artifact

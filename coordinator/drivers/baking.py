@@ -139,7 +139,7 @@ def _metrics(out: dict[str, Any]) -> dict[str, Any]:
 @register_phase("baking", number=6, title="Tool and persona baking", consumes="model")
 def run_baking(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
     from actors.baking.graph import baking_team
-    from coordinator.drivers.teams import check_fits, run_team
+    from coordinator.drivers.teams import check_fits, run_team, team_metrics
 
     (model_dir,) = inputs.models
     cfg = ctx.config.baking
@@ -156,10 +156,7 @@ def run_baking(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
     if not after["passed"]:
         raise PhaseError("baking", "the baked model failed the quality gate: " + "; ".join(after["reasons"]))
     metrics = _metrics(out)
-    metrics["baking/team_faults_injected"] = len(result.faults)
-    metrics["baking/team_recoveries"] = len(result.decisions)
-    for key, value in result.metrics.items():  # health/baking/... -> baking/health/...
-        metrics["baking/health/" + key.removeprefix(f"health/{spec.name}/")] = value
+    metrics.update(team_metrics("baking", result, spec.name))
     report = ctx.phase_dir / "baking_report.json"
     shutil.copy2(out["report"]["report"], report)
     shutil.copy2(out["report"]["timings"], ctx.phase_dir / "timings.json")  # measured: not an artifact

@@ -102,7 +102,7 @@ def with_ternary_codec(cfg: Any, model_dir: Path) -> Any:
 @register_phase("compress", number=8, title="Final compression", consumes="model")
 def run_compress(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
     from actors.compression.graph import compression_team
-    from coordinator.drivers.teams import check_fits, run_team
+    from coordinator.drivers.teams import check_fits, run_team, team_metrics
 
     (model_dir,) = inputs.models
     cfg = with_ternary_codec(ctx.config.compress, model_dir)
@@ -127,8 +127,7 @@ def run_compress(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
     fp32_bytes = 4 * out["analyze"]["params"]
     pkg = {**pkg, "tensor_bytes": (out_dir / "compressed.safetensors").stat().st_size}
     metrics = _metrics(search, val, pkg, prof, quant, fp32_bytes)
-    metrics["compression/team_faults_injected"] = len(result.faults)
-    metrics["compression/team_recoveries"] = len(result.decisions)
+    metrics.update(team_metrics("compression", result, spec.name))
     report = ctx.phase_dir / "compression_report.json"
     shutil.copy2(out["report"]["report"], report)
     shutil.copy2(out["report"]["timings"], ctx.phase_dir / "timings.json")  # measured: not an artifact

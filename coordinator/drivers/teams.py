@@ -15,7 +15,7 @@ from coordinator.errors import PhaseError
 from coordinator.pipeline import PhaseContext
 from coordinator.team import Team, TeamConfig, TeamResult
 
-__all__ = ["check_fits", "run_team"]
+__all__ = ["check_fits", "run_team", "team_metrics"]
 
 
 def check_fits(spec: TeamSpec, phase: str) -> None:
@@ -49,3 +49,13 @@ def run_team(ctx: PhaseContext, spec: TeamSpec, config: TeamConfig | None = None
         result = team.run()
     ctx.log(result.metrics, None)
     return result
+
+
+def team_metrics(prefix: str, result: TeamResult, team: str) -> dict[str, float | int | bool]:
+    """The team's part of a phase's metrics: ``<prefix>/team_faults_injected``,
+    ``<prefix>/team_recoveries`` and its health (``health/<team>/...`` as ``<prefix>/health/...``)."""
+    metrics: dict[str, float | int | bool] = {f"{prefix}/team_faults_injected": len(result.faults),
+                                              f"{prefix}/team_recoveries": len(result.decisions)}
+    for key, value in result.metrics.items():
+        metrics[f"{prefix}/health/" + key.removeprefix(f"health/{team}/")] = value
+    return metrics

@@ -121,9 +121,12 @@ def test_a_failed_quality_gate_fails_the_phase_naming_why(trained, tmp_path):
     assert not (tmp_path / "run" / "06_baking" / "models" / "baked").exists()
 
 
+@pytest.mark.slow
 def test_a_cluster_too_small_for_the_team_is_refused_naming_agent_cpus(trained, tmp_path):
     """Nine agents reserving 1 CPU each on the tests' 2-CPU Ray: the phase fails before any agent
-    starts, naming the setting to lower, and writes no package."""
+    starts, naming the setting to lower, and writes no package. Slow only for the suite's budget
+    (a Ray start and a stand-in model): the default-run sibling is phase 8's refusal
+    (tests/coordinator/test_compress_phase.py), through the same ``teams.check_fits``."""
     with pytest.raises(pipeline.PipelineFailed) as err:
         _run(tmp_path, baking={"agent_cpus": 1.0})
     assert err.value.phase == "baking"
