@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -108,10 +107,6 @@ class SearchOutcome:
     reference: Candidate  # the input model, measured (not a search candidate)
     archive: Archive
     winner: int | None  # index into archive.candidates; None: no candidate met every requirement
-
-    def to_json(self) -> dict[str, Any]:
-        return {"profile": self.profile.model_dump(mode="json"), "device": self.device, "space": self.space.to_json(),
-                "reference": self.reference.to_json(), "archive": self.archive.to_json(), "winner": self.winner}
 
 
 def run_search(model: nn.Module, profile: TargetProfile, cfg: AdasConfig, *, work_dir: str | Path,
