@@ -147,7 +147,9 @@ def run_adas(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
     if archive["winner"] is None:
         unmet = cert["unmet"]
         shutil.copy2(cert["file"], ctx.phase_dir / "unmet.json")
-        rows = "; ".join(f"{name}: {t['met']}/{t['measured']} met ({t['requirement']}; best {t['best']})"
+        rows = "; ".join(f"{name}: {t['met']}/{t['measured']} met ({t['requirement']}; best "
+                         f"{t['best']:.4g})" if isinstance(t["best"], (int, float)) else
+                         f"{name}: {t['met']}/{t['measured']} met ({t['requirement']})"
                          for name, t in unmet["requirements"].items() if t["met"] < t["measured"])
         raise PhaseError("adas", f"no candidate of {unmet['candidates']} met every requirement of profile "
                                  f"{cfg.profile!r}; none met: {', '.join(unmet['none_met']) or '-'}. {rows}")
