@@ -12,9 +12,10 @@ import functools
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["TOKENIZER_FILES", "corpus_for", "load_hf", "quality_of", "save_hf", "set_threads"]
 
@@ -22,6 +23,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def set_threads() -> None:
+    import torch  # here, not at import: the plain-data roles import this module and never load torch
+
     torch.set_num_threads(1)
 
 

@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from actors.io import corpus_for, load_hf, set_threads
 from actors.roles import StatelessRole
 from coordinator.errors import PhaseError
 from serialization.checkpoint import atomic_write_json
@@ -42,7 +43,7 @@ class _AdasRole(StatelessRole):
     """Imports the heavy libraries when the actor starts (``config["warm"]``: the roles that load
     models), so their imports overlap instead of delaying each first task in turn. The roles that
     only handle plain data (proposer, safety monitor, archivist) never import torch or
-    transformers: this module imports them lazily."""
+    transformers (``actors.io`` imports them inside its functions)."""
 
     def setup(self, context: Any) -> None:
         if context.config.get("warm", True):
@@ -51,24 +52,6 @@ class _AdasRole(StatelessRole):
             import phases.cognate.modeling  # noqa: F401
             import phases.data.corpus  # noqa: F401
             set_threads()
-
-
-def set_threads() -> None:
-    from actors.io import set_threads as one_thread
-
-    one_thread()
-
-
-def load_hf(path: str | Path):
-    from actors.io import load_hf as load
-
-    return load(path)
-
-
-def corpus_for(payload: dict[str, Any]):
-    from actors.io import corpus_for as corpus
-
-    return corpus(payload)
 
 
 def _cfg(payload: dict[str, Any]):
@@ -140,7 +123,7 @@ class ADASOrchestrator(_AdasRole):
     def _report(self, payload: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
         """``adas_report.json``: the search as functions of the config and seed (recipes, lineage,
         accuracy, bytes, FLOPs); the timings and the verdicts taken on them go to ``timings.json``."""
-        archive, plan = inputs[_last_archive(inputs)], inputs["plan"]
+        archive, plan = inputs[last_archive(inputs)], inputs["plan"]
         keep = ("accuracy", "retention", "disk_bytes", "flops_per_token", "params", "parity", "argmax_agreement")
         report = {"profile": plan["profile"], "device": plan["device"], "space": plan["space"],
                   "reference": {k: inputs["safety-0"]["reference"]["metrics"].get(k) for k in keep},
@@ -156,7 +139,8 @@ class ADASOrchestrator(_AdasRole):
         return {"report": str(d / "adas_report.json"), "timings": str(d / "timings.json")}
 
 
-def _last_archive(inputs: dict[str, Any]) -> str:
+def last_archive(inputs: dict[str, Any]) -> str:
+    """The name of the last generation's archive task among a task's inputs (or the team's outputs)."""
     return max((k for k in inputs if k.startswith("archive-")), key=_generation)
 
 
@@ -289,7 +273,6 @@ class SafetyMonitor(_AdasRole):
         profile = _profile(inputs["plan"])
         quality, speed = inputs[f"evaluate-{g}"]["quality"], inputs[f"profile-{g}"]["speed"]
         reference = inputs["safety-0"]["reference"] if g else None
-        evidence_dir = Path(payload["work"]) / "evidence"
         out, ref_out = [], None
         # generation 0 lists the reference first: every retention is relative to its accuracy
         for entry in inputs[f"build-{g}"]["built"]:
@@ -308,14 +291,13 @@ class SafetyMonitor(_AdasRole):
                            **{k: entry[k] for k in ("params", "flops_per_token", "dropped", "ffn_width", "ranks",
                                                     "disk_bytes")}, **q, **sp["metrics"]}
             rows = check(profile, metrics, evidence=f"evidence/{key}.json") if not error and not is_ref else []
-            name = f"{key}{'.reference' if is_ref else ''}.json"
-            write_evidence(evidence_dir / name, recipe=recipe, metrics=metrics, speed=sp or None, requirements=rows)
-            assert is_ref or evidence_dir / name == evidence_file(payload, key)
+            path = evidence_file(payload, f"{key}.reference" if is_ref else key)
+            write_evidence(path, recipe=recipe, metrics=metrics, speed=sp or None, requirements=rows)
             result = {"key": key, "recipe": entry["recipe"], "parents": entry["parents"], "origin": entry["origin"],
                       "generation": g, "metrics": metrics, "error": error,
                       "passed": not error and all(r.passed for r in rows),
                       "reasons": reasons(rows) if not error else [f"failed to build or measure: {error}"],
-                      "evidence": str(evidence_dir / name)}
+                      "evidence": str(path)}
             if is_ref:
                 if error:
                     raise PhaseError("adas", f"measuring the input model failed: {error}")
@@ -364,7 +346,7 @@ class EdgeDeployer(_AdasRole):
         from serialization.checkpoint import publish_dir, staging_dir
 
         set_threads()
-        archive = inputs[_last_archive(inputs)]
+        archive = inputs[last_archive(inputs)]
         if archive["winner"] is None:
             return {"deployed": False}
         winner = archive["archive"][archive["winner"]]
@@ -404,7 +386,7 @@ class ComplianceValidator(_AdasRole):
         from phases.adas.certificate import machine, verify_certificate, write_certificate
         from phases.adas.safety import Requirement
 
-        archive, plan, deploy = inputs[_last_archive(inputs)], inputs["plan"], inputs["deploy"]
+        archive, plan, deploy = inputs[last_archive(inputs)], inputs["plan"], inputs["deploy"]
         out = Path(payload["certificate"])
         if not deploy["deployed"]:
             unmet = _unmet(payload, archive["archive"])

@@ -30,7 +30,7 @@ from actors.policies import FALLBACK_POLICY, TASK_POLICY
 from coordinator.dag import TaskSpec
 from phases.baking.config import BakingConfig
 
-__all__ = ["AGENTS", "OPTIONAL_POLICY", "TASK_POLICY", "baking_graph", "baking_team"]
+__all__ = ["AGENTS", "OPTIONAL_POLICY", "TASK_POLICY", "baking_graph", "baking_team", "task_names"]
 
 AGENTS = ("baking-coordinator", "hardware-adapter", "memory-optimizer", "model-optimizer", "quality-validator",
           "baking-profiler", "graph-optimizer", "inference-accelerator", "deployment-preparer")
@@ -55,6 +55,11 @@ _TASKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
                                         "validate-after", "profile")),
 )
 _OPTIONAL = {"graph", "accelerate"}
+
+
+def task_names() -> list[str]:
+    """The graph's work tasks in the order it lists them (all but ``report``, which reads them all)."""
+    return [name for name, _, _ in _TASKS]
 
 
 def baking_graph(cfg: BakingConfig, common: dict[str, Any]) -> tuple[TaskSpec, ...]:

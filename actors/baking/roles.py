@@ -105,6 +105,7 @@ class BakingCoordinator(_BakingRole):
         about knowledge keys the training questions never name."""
         from dataclasses import asdict
 
+        from actors.baking.graph import task_names
         from phases.baking.tooldata import make_questions, split_keys
         from phases.training import derived_seed
 
@@ -119,7 +120,7 @@ class BakingCoordinator(_BakingRole):
         atomic_write_json(path, {"train": [asdict(q) for q in train], "heldout": [asdict(q) for q in heldout],
                                  "train_keys": sorted(train_keys), "heldout_keys": sorted(heldout_keys)})
         return {"questions": str(path), "train": len(train), "heldout": len(heldout),
-                "heldout_keys": len(heldout_keys), "tasks": [n for n, _, _ in _graph_tasks()]}
+                "heldout_keys": len(heldout_keys), "tasks": task_names()}
 
     def _report(self, payload: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
         """``baking_report.json``: what was baked and measured that is a function of the config
@@ -143,12 +144,6 @@ class BakingCoordinator(_BakingRole):
         atomic_write_json(d / "baking_report.json", report)
         atomic_write_json(d / "timings.json", timings)
         return {"report": str(d / "baking_report.json"), "timings": str(d / "timings.json")}
-
-
-def _graph_tasks():
-    from actors.baking.graph import _TASKS
-
-    return _TASKS
 
 
 # ------------------------------------------------------------------------------- hardware, memory

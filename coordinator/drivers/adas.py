@@ -122,6 +122,7 @@ def _plots(ctx: PhaseContext, out: dict[str, Any], archive: dict[str, Any]) -> N
 @register_phase("adas", number=7, title="ADAS: deployment architecture search", consumes="model")
 def run_adas(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
     from actors.adas.graph import adas_team
+    from actors.adas.roles import last_archive
     from coordinator.drivers.teams import check_fits, run_team, team_metrics
 
     from phases.adas.inline import choose_device
@@ -141,7 +142,7 @@ def run_adas(inputs: PhaseInputs, ctx: PhaseContext) -> PhaseOutput:
     ctx.progress("tasks", 0, len(spec.tasks))
     result = run_team(ctx, spec)
     out = result.outputs
-    archive = out[max((k for k in out if k.startswith("archive-")), key=lambda k: int(k.rsplit("-", 1)[1]))]
+    archive = out[last_archive(out)]
     _plots(ctx, out, archive)
     cert = out["certify"]
     if archive["winner"] is None:

@@ -37,7 +37,6 @@ __all__ = ["ARCH_FILE", "build_architecture", "build_artifact", "call_inputs", "
            "matmul_flops_per_token", "measure_quality", "measure_speed"]
 
 ARCH_FILE = "arch.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def matmul_flops_per_token(model: nn.Module) -> int:
@@ -66,6 +65,7 @@ def build_architecture(model: nn.Module, recipe: Recipe, calibration: torch.Tens
         {"dir", "dropped", "ffn_width", "ranks", "params", "flops_per_token"}.
     """
     from phases.adas.build import drop_layers, low_rank, param_count, prune_ffn
+    from phases.compression.package import TOKENIZER_FILES
 
     from serialization.checkpoint import atomic_write_json, publish_dir, staging_dir
 
