@@ -81,3 +81,24 @@ def unbuilt_phase():
     pipeline.register_unbuilt("t_unbuilt", number=97, title="unbuilt test phase", consumes="model", issue=999)
     yield "t_unbuilt"
     pipeline.PHASES.pop("t_unbuilt")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config._agentforge_exitstatus = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave with pytest's own exit status without the interpreter's teardown. Twice in CI
+    (8d991db, ca48ad3) the process segfaulted after every test had passed and the summary was
+    printed, while native libraries (torch, onnxruntime, Ray's core worker) tore down their
+    threads; not reproduced in subsets. The cause is not found: this keeps a passing suite from
+    reading as failed, and a failing one still exits non-zero (exit code 5, no tests, included)."""
+    status = getattr(config, "_agentforge_exitstatus", None)
+    if status is None:
+        return
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
